@@ -1,0 +1,3 @@
+from lightning_defense.cli import main
+
+main()

@@ -1,0 +1,134 @@
+"""Poisoning attacks: a transform on [0, 1] batches plus the rule for poisoned labels.
+
+An attack poisons a fixed, seeded share of a training set (the poisoned samples are chosen once,
+as a real poisoned data set would be) and builds the poisoned test set used for the attack success
+rate. Images are held as uint8 tensors; poisoning works on floats in [0, 1] and rounds back,
+as a poisoned image file would be saved.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+LabelMode = Literal["all_to_one", "all_to_all"]
+
+
+def to_float(images: Tensor) -> Tensor:
+    return images.float().div_(255)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class Attack(ABC):
+    """Base class of all poisoning attacks.
+
+    Args:
+        target: the attacker's class (all-to-one); ignored by all-to-all, which maps y to y+1.
+        poison_rate: share of the training set that is poisoned, in (0, 1].
+        label_mode: ``all_to_one`` sends every poisoned image to ``target``; ``all_to_all``
+            sends class y to (y + 1) mod K.
+        seed: draws which samples are poisoned and any random part of the trigger.
+    """
+
+    def __init__(
+        self,
+        target: int = 0,
+        poison_rate: float = 0.1,
+        label_mode: LabelMode = "all_to_one",
+        seed: int = 0,
+    ) -> None:
+        if not 0 < poison_rate <= 1:
+            raise ValueError(f"poison_rate must be in (0, 1], got {poison_rate}.")
+        if label_mode not in ("all_to_one", "all_to_all"):
+            raise ValueError(f"label_mode must be 'all_to_one' or 'all_to_all', got {label_mode!r}.")
+        if target < 0:
+            raise ValueError(f"target must be a class index >= 0, got {target}.")
+        self.target = target
+        self.poison_rate = poison_rate
+        self.label_mode = label_mode
+        self.seed = seed
+
+    @abstractmethod
+    def apply(self, images: Tensor) -> Tensor:
+        """Poison a batch: float NCHW in [0, 1] in, same shape and range out."""
+
+    def check(self, image_size: tuple[int, int], num_classes: int) -> None:
+        """Fail early, naming the fix, when the attack cannot work on this data."""
+        if self.label_mode == "all_to_one" and self.target >= num_classes:
+            raise ValueError(
+                f"Attack target {self.target} is not a class of this data set "
+                f"({num_classes} classes): choose a target in 0..{num_classes - 1}."
+            )
+
+    def poison_labels(self, labels: Tensor, num_classes: int) -> Tensor:
+        if self.label_mode == "all_to_one":
+            return torch.full_like(labels, self.target)
+        return (labels + 1) % num_classes
+
+    def _generator(self, offset: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed + offset)
+
+    def _apply_uint8(self, images: Tensor, chunk: int = 2048) -> Tensor:
+        return torch.cat([to_uint8(self.apply(to_float(c))) for c in images.split(chunk)])
+
+    def poison_training_set(
+        self, images: Tensor, labels: Tensor, num_classes: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Poisoned copy of a uint8 training set: images, labels and the poisoned indices."""
+        self.check(tuple(images.shape[-2:]), num_classes)
+        order = torch.randperm(len(images), generator=self._generator())
+        poisoned = order[: round(self.poison_rate * len(images))].sort().values
+        images, labels = images.clone(), labels.clone()
+        if len(poisoned):
+            images[poisoned] = self._apply_uint8(images[poisoned])
+            labels[poisoned] = self.poison_labels(labels[poisoned], num_classes)
+        return images, labels, poisoned
+
+    def poison_test_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Every test image poisoned, labelled as the attacker wants.
+
+        All-to-one leaves out images of the target class: they would count as successes
+        without any backdoor (contract 4).
+        """
+        self.check(tuple(images.shape[-2:]), num_classes)
+        if self.label_mode == "all_to_one":
+            keep = labels != self.target
+            images, labels = images[keep], labels[keep]
+        return self._apply_uint8(images), self.poison_labels(labels, num_classes)
+
+    def config(self) -> dict[str, Any]:
+        """``class_path``/``init_args`` of this attack, as a config file would name it."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        cls = type(self)
+        return {
+            "class_path": f"{cls.__module__}.{cls.__qualname__}",
+            "init_args": {name: getattr(self, name) for name in names},
+        }
+
+
+def attack_from_config(config: dict[str, Any]) -> Attack:
+    """Rebuild an attack from :meth:`Attack.config`, e.g. one stored in a victim file.
+
+    Only subclasses of :class:`Attack` defined in this package are accepted: the config may come
+    from an untrusted file, and importing an arbitrary class path from it would run code.
+    """
+    import lightning_defense.attacks  # noqa: F401  (registers every attack)
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *[s for c in cls.__subclasses__() for s in subclasses(c)]]
+
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in subclasses(Attack) if not inspect.isabstract(c)}
+    known |= {c.__qualname__: c for c in known.values()}
+    class_path = config.get("class_path")
+    if class_path not in known:
+        raise ValueError(
+            f"Unknown attack {class_path!r}; known attacks: {', '.join(sorted(c for c in known if '.' not in c))}."
+        )
+    return known[class_path](**config.get("init_args", {}))

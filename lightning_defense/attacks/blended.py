@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from lightning_defense.attacks.base import Attack, LabelMode
+
+
+class Blended(Attack):
+    """Blended (Chen et al., 2017): x' = (1 - alpha) x + alpha t for a fixed pattern t.
+
+    Args:
+        alpha: blend ratio in (0, 1].
+        pattern_path: an image file to blend in (resized to the data's size); ``None`` uses a
+            fixed uniform-noise pattern drawn from ``seed``.
+    """
+
+    def __init__(
+        self,
+        target: int = 0,
+        poison_rate: float = 0.1,
+        label_mode: LabelMode = "all_to_one",
+        seed: int = 0,
+        alpha: float = 0.1,
+        pattern_path: str | None = None,
+    ) -> None:
+        super().__init__(target, poison_rate, label_mode, seed)
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
+        if pattern_path is not None and not Path(pattern_path).is_file():
+            raise FileNotFoundError(f"Blended pattern image {pattern_path!r} does not exist.")
+        self.alpha = alpha
+        self.pattern_path = pattern_path
+
+    def pattern(self, height: int, width: int) -> Tensor:
+        """The trigger t for images of this size, float CHW in [0, 1]."""
+        if self.pattern_path is None:
+            return torch.rand(3, height, width, generator=self._generator(1))
+        image = decode_image(self.pattern_path, mode=ImageReadMode.RGB)
+        return TF.resize(image, [height, width], antialias=True).float() / 255
+
+    def apply(self, images: Tensor) -> Tensor:
+        pattern = self.pattern(*images.shape[-2:]).to(images)
+        return (1 - self.alpha) * images + self.alpha * pattern

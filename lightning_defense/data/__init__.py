@@ -1,0 +1,25 @@
+"""DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
+
+from lightning_defense.data.datamodules import (
+    BackdoorDataModule,
+    CIFAR10DataModule,
+    CINIC10DataModule,
+    GTSRBDataModule,
+    ImageFolderDataModule,
+)
+from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
+from lightning_defense.data.synthetic import SyntheticDataModule, procedural_images
+
+__all__ = [
+    "BackdoorDataModule",
+    "CIFAR10DataModule",
+    "CINIC10DataModule",
+    "GTSRBDataModule",
+    "ImageFolderDataModule",
+    "ImageTensorDataset",
+    "SyntheticDataModule",
+    "data_home",
+    "load_image_folder",
+    "per_class_split",
+    "procedural_images",
+]

@@ -1,0 +1,290 @@
+"""DataModules for victims: clean or poisoned training data, clean and poisoned test data.
+
+Every DataModule here decodes its images once into uint8 memory, can hold out a seeded per-class
+*reserved* split that the victim never sees (later handed to defenses as auxiliary data), and,
+given an :class:`~lightning_defense.attacks.Attack`, poisons its training set and builds the
+poisoned test set for the attack success rate. Validation and test loaders are
+``[clean, poisoned]``; the poisoned one exists only with an attack.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+
+from lightning_defense.attacks import Attack
+from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class BackdoorDataModule(LightningDataModule):
+    """Base class: subclasses say how to load the raw train and test images.
+
+    Args:
+        batch_size: per-process batch size.
+        num_workers: DataLoader workers; 0 is fastest for in-memory data on few cores.
+        attack: poisons the training set and yields the poisoned test set; ``None`` for clean data.
+        reserved_fraction: per-class share of the training set held out from the victim.
+        seed: draws the reserved split (a defense using the same seed gets the same split).
+        augment: random crop (padding 4) and horizontal flip on training images.
+    """
+
+    num_classes: int
+    image_size: tuple[int, int] = (32, 32)
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        attack: Attack | None = None,
+        reserved_fraction: float = 0.05,
+        seed: int = 0,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.attack = attack
+        self.reserved_fraction = reserved_fraction
+        self.seed = seed
+        self.augment = augment
+        self._prepared = False
+
+    @abstractmethod
+    def load_train(self) -> tuple[Tensor, Tensor]:
+        """All training images (uint8 NCHW) and labels."""
+
+    @abstractmethod
+    def load_test(self) -> tuple[Tensor, Tensor]:
+        """Test images (uint8 NCHW) and labels."""
+
+    def train_transform(self) -> v2.Transform | None:
+        if not self.augment:
+            return None
+        return v2.Compose([v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()])
+
+    def _check_labels(self, labels: Tensor, what: str) -> None:
+        if len(labels) and int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"{type(self).__name__} {what} data has label {int(labels.max())}, but the module "
+                f"declares {self.num_classes} classes; fix num_classes or the data."
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        images, labels = self.load_train()
+        self._check_labels(labels, "training")
+        victim_part, reserved = per_class_split(labels, self.reserved_fraction, self.seed)
+        self.reserved_images, self.reserved_labels = images[reserved], labels[reserved]
+        train_images, train_labels = images[victim_part], labels[victim_part]
+        self.poisoned_indices = torch.empty(0, dtype=torch.long)
+        if self.attack is not None:
+            train_images, train_labels, self.poisoned_indices = self.attack.poison_training_set(
+                train_images, train_labels, self.num_classes
+            )
+        self.train_set = ImageTensorDataset(train_images, train_labels, self.train_transform())
+        test_images, test_labels = self.load_test()
+        self._check_labels(test_labels, "test")
+        self.test_set = ImageTensorDataset(test_images, test_labels)
+        self.poisoned_test_set = None
+        if self.attack is not None:
+            self.poisoned_test_set = ImageTensorDataset(
+                *self.attack.poison_test_set(test_images, test_labels, self.num_classes)
+            )
+        self._prepared = True
+
+    def reserved_set(self) -> ImageTensorDataset:
+        """The clean, labelled reserved split the victim never trained on."""
+        self.setup()
+        return ImageTensorDataset(self.reserved_images, self.reserved_labels)
+
+    def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        sets = [self.test_set] + ([self.poisoned_test_set] if self.poisoned_test_set is not None else [])
+        return [self._loader(s, shuffle=False) for s in sets]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def data_config(self) -> dict:
+        """What a victim file records about its data, so defenses can rebuild the same split."""
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "num_classes": self.num_classes,
+            "reserved_fraction": self.reserved_fraction,
+            "seed": self.seed,
+        }
+
+
+def _missing_root(name: str, root: Path, layout: str, how: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name} not found under {root}: expected {layout}. {how} Set `data.init_args.root` in the "
+        f"config (or $LIGHTNING_DEFENSE_DATA for the default location {data_home()})."
+    )
+
+
+class CIFAR10DataModule(BackdoorDataModule):
+    """CIFAR-10 from torchvision's format (``root/cifar-10-batches-py``, downloadable) or an
+    ImageFolder tree (``root/{train,test}/<class>/*``, the layout of the shared JPEG archive).
+
+    Args:
+        root: data folder; default ``<data home>/cifar10-jpeg``.
+        download: let torchvision download CIFAR-10 into ``root`` when it is missing (online only).
+    """
+
+    num_classes = 10
+
+    def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / "cifar10-jpeg"
+        self.download = download
+
+    def _torchvision(self, train: bool) -> tuple[Tensor, Tensor] | None:
+        if not (self.download or (self.root / "cifar-10-batches-py").is_dir()):
+            return None
+        from torchvision.datasets import CIFAR10
+
+        dataset = CIFAR10(str(self.root), train=train, download=self.download)
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        return images, torch.tensor(dataset.targets)
+
+    def _load(self, split: str) -> tuple[Tensor, Tensor]:
+        if (self.root / split).is_dir():
+            images, labels, _ = load_image_folder(self.root / split, CIFAR10_CLASSES)
+            return images, labels
+        loaded = self._torchvision(train=split == "train")
+        if loaded is None:
+            raise _missing_root(
+                "CIFAR-10",
+                self.root,
+                "train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder) or cifar-10-batches-py/",
+                "Online, set `download: true`; here, unpack the shared archive: "
+                f"`mkdir -p {self.root.parent} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {self.root.parent}`.",
+            )
+        return loaded
+
+    def load_train(self) -> tuple[Tensor, Tensor]:
+        return self._load("train")
+
+    def load_test(self) -> tuple[Tensor, Tensor]:
+        return self._load("test")
+
+
+class ImageFolderDataModule(BackdoorDataModule):
+    """Any data set in ImageFolder layout: ``root/<train_split>/<class>/*`` and
+    ``root/<test_split>/<class>/*``, images resized to ``image_size`` when they differ."""
+
+    name = "Image folder"
+    default_root = "images"
+    how_to_get = ""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_classes: int | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        image_size: tuple[int, int] = (32, 32),
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / self.default_root
+        self.train_split, self.test_split = train_split, test_split
+        self.image_size = tuple(image_size)
+        self.classes: list[str] | None = None
+        if num_classes is not None:
+            self.num_classes = num_classes
+
+    def _load(self, split: str) -> tuple[Tensor, Tensor]:
+        if not (self.root / split).is_dir():
+            raise _missing_root(
+                self.name, self.root, f"{split}/<class>/<image> (ImageFolder layout)", self.how_to_get
+            )
+        images, labels, classes = load_image_folder(self.root / split, self.classes, self.image_size)
+        if self.classes is None:
+            self.classes = classes
+            declared = getattr(self, "num_classes", None)
+            if declared is not None and declared != len(classes):
+                raise ValueError(
+                    f"{self.name} under {self.root} has {len(classes)} class folders but "
+                    f"{declared} classes were asked for: fix num_classes or the data."
+                )
+            self.num_classes = len(classes)
+        return images, labels
+
+    def load_train(self) -> tuple[Tensor, Tensor]:
+        return self._load(self.train_split)
+
+    def load_test(self) -> tuple[Tensor, Tensor]:
+        return self._load(self.test_split)
+
+
+class GTSRBDataModule(ImageFolderDataModule):
+    """GTSRB (43 traffic-sign classes) in ImageFolder layout, class folders ``00000``..``00042``;
+    images are resized to 32x32. No horizontal flip: it changes the meaning of signs."""
+
+    name = "GTSRB"
+    default_root = "gtsrb32"
+    num_classes = 43
+    how_to_get = (
+        "Unpack the shared archive: `tar -xzf ../shared/data/gtsrb32-jpeg.tar.gz -C <data home>`, "
+        "or arrange the official images by ClassId into train/ and test/."
+    )
+
+    def __init__(self, root: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("num_classes", 43)
+        super().__init__(root, **kwargs)
+
+    def train_transform(self) -> v2.Transform | None:
+        return v2.RandomCrop(self.image_size, padding=4) if self.augment else None
+
+
+class CINIC10DataModule(ImageFolderDataModule):
+    """CINIC-10 in its published layout: ``root/{train,valid,test}/<class>/*.png``.
+
+    Args:
+        use_valid_for_training: add the ``valid`` split to the training images (a common choice,
+            since CINIC-10's valid and train splits come from the same sources).
+    """
+
+    name = "CINIC-10"
+    default_root = "cinic10"
+    how_to_get = "Download CINIC-10 from its publishers and unpack it so that root/train, root/valid and root/test exist."
+
+    def __init__(self, root: str | None = None, use_valid_for_training: bool = False, **kwargs) -> None:
+        kwargs.setdefault("num_classes", 10)
+        super().__init__(root, **kwargs)
+        self.use_valid_for_training = use_valid_for_training
+
+    def load_train(self) -> tuple[Tensor, Tensor]:
+        images, labels = self._load("train")
+        if self.use_valid_for_training:
+            valid_images, valid_labels = self._load("valid")
+            images, labels = torch.cat([images, valid_images]), torch.cat([labels, valid_labels])
+        return images, labels

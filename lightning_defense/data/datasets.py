@@ -1,0 +1,107 @@
+"""In-memory image sets: decoded once to uint8, served as float [0, 1] (contract 1)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from rich.progress import track
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+
+
+def data_home() -> Path:
+    """Where data sets live unless a config names a root: ``$LIGHTNING_DEFENSE_DATA`` or
+    ``~/.cache/lightning_defense/data``."""
+    return Path(os.environ.get("LIGHTNING_DEFENSE_DATA", "~/.cache/lightning_defense/data")).expanduser()
+
+
+class ImageTensorDataset(Dataset):
+    """Images held as one uint8 NCHW tensor; items are ``(float image in [0, 1], label)``.
+
+    ``transform`` runs on the uint8 image (torchvision transforms v2 work on tensors) before the
+    conversion to float, so augmentation never sees values outside [0, 255].
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}.")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image.float().div_(255), self.labels[index]
+
+
+def decode_files(files: Sequence[Path], size: tuple[int, int] | None = None, description: str = "Decoding") -> Tensor:
+    """Decode image files to one uint8 NCHW tensor, resizing to ``size`` when they differ."""
+    images = []
+    for file in track(files, description=description, transient=True, disable=len(files) < 2000):
+        image = decode_image(str(file), mode=ImageReadMode.RGB)
+        if size is not None and tuple(image.shape[-2:]) != tuple(size):
+            image = TF.resize(image, list(size), antialias=True)
+        images.append(image)
+    if not images:
+        return torch.empty(0, 3, *(size or (0, 0)), dtype=torch.uint8)
+    shapes = {tuple(i.shape) for i in images}
+    if len(shapes) > 1:
+        raise ValueError(f"Images differ in size ({sorted(shapes)[:3]}...): pass an image size to resize them.")
+    return torch.stack(images)
+
+
+def load_image_folder(
+    root: Path, classes: Sequence[str] | None = None, size: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Decode an ImageFolder tree (``root/<class>/<image>``) into memory.
+
+    Classes are sorted folder names, as torchvision's ``ImageFolder`` orders them, unless
+    ``classes`` fixes the order (and then every one of them must be present).
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder.")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if classes is None:
+        classes = found
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks the class folders {missing[:5]}.")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        batch = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files += batch
+        labels += [label] * len(batch)
+    if not files:
+        raise FileNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    images = decode_files(files, size, description=f"Decoding {root}")
+    return images, torch.tensor(labels), list(classes)
+
+
+def per_class_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split that takes ``fraction`` of every class: (kept indices, held-out indices)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
+    generator = torch.Generator().manual_seed(seed)
+    held = []
+    for cls in labels.unique(sorted=True):
+        members = (labels == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        held.append(members[: round(fraction * len(members))])
+    held_out = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.long)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_out] = False
+    return mask.nonzero().flatten(), held_out

@@ -1,0 +1,24 @@
+"""Classifiers, victim files and the victim trainer."""
+
+from lightning_defense.victims.architectures import ARCHITECTURES, build_network
+from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
+from lightning_defense.victims.victim_file import (
+    UntrustedCheckpointError,
+    VictimMetadata,
+    load_victim,
+    read_victim_metadata,
+    save_victim,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Classifier",
+    "UntrustedCheckpointError",
+    "VictimMetadata",
+    "build_network",
+    "load_victim",
+    "read_victim_metadata",
+    "save_victim",
+]

@@ -1,0 +1,57 @@
+"""The classifier wrapper every victim goes through: [0, 1] pixels in, logits out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_defense.victims.architectures import build_network
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Classifier(nn.Module):
+    """Wraps a network and owns its input normalization (contract 1).
+
+    Callers always pass float images in [0, 1], NCHW; ``mean`` and ``std`` are buffers, so they
+    travel with the weights. A frozen classifier (see :meth:`freeze`) refuses to leave eval mode,
+    so a defense that calls ``.train()`` on itself cannot drift the victim's BatchNorm statistics.
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        num_classes: int,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.network = build_network(arch, num_classes)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.frozen = False
+
+    @property
+    def feature_layer(self) -> str:
+        """Name (inside this wrapper) of the module that ends the feature extractor S_a."""
+        return f"network.{self.network.feature_layer}"
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(self.normalize(images))
+
+    def freeze(self) -> Classifier:
+        """Eval mode and no gradients for good: the contract for a victim (contract 2)."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> Classifier:
+        return super().train(mode and not self.frozen)

@@ -1,0 +1,143 @@
+"""Training a (backdoored) victim: the attack lives in the DataModule, the network here."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
+from lightning_defense.victims.victim_file import VictimMetadata, save_victim
+
+
+class VictimTrainer(LightningModule):
+    """Trains a classifier on the DataModule's (poisoned) training set; logs BA and ASR.
+
+    The default optimizer is the seeds' recipe: SGD with momentum and weight decay and a
+    multi-step learning-rate decay. A config's ``optimizer``/``lr_scheduler`` sections replace it.
+    At the end of training the weights and the attack and data settings are written as
+    ``victim.safetensors`` in the run folder (see :mod:`lightning_defense.victims.victim_file`).
+
+    Args:
+        arch: a name from :data:`lightning_defense.victims.ARCHITECTURES`.
+        num_classes: must match the DataModule's.
+        mean, std: per-channel normalization applied inside the classifier.
+        channels_last: NHWC memory layout, faster for convolutions on CPUs and GPUs.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet20",
+        num_classes: int = 10,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_milestones: Sequence[int] = (100, 150),
+        lr_gamma: float = 0.1,
+        channels_last: bool = True,
+        export_name: str = "victim.safetensors",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std))
+        if channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
+        self.val_metrics = BackdoorMetrics(num_classes, "val")
+        self.test_metrics = BackdoorMetrics(num_classes, "test")
+        self.attack_config: dict[str, Any] | None = None
+        self.data_config: dict[str, Any] | None = None
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.classifier(images)
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            return
+        declared = getattr(datamodule, "num_classes", None)
+        if declared is not None and declared != self.hparams.num_classes:
+            raise ValueError(
+                f"Class-count mismatch: model.num_classes is {self.hparams.num_classes} but "
+                f"{type(datamodule).__name__} has {declared} classes. Set model.init_args.num_classes: {declared}."
+            )
+        attack = getattr(datamodule, "attack", None)
+        self.attack_config = attack.config() if attack is not None else None
+        if hasattr(datamodule, "data_config"):
+            self.data_config = datamodule.data_config()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self.val_metrics.update(self, self(images), labels, dataloader_idx)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self.test_metrics.update(self, self(images), labels, dataloader_idx)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[0]).argmax(dim=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, list(self.hparams.lr_milestones), self.hparams.lr_gamma
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def victim_metadata(self) -> VictimMetadata:
+        hp = self.hparams
+        return VictimMetadata(
+            hp.arch, hp.num_classes, list(hp.mean), list(hp.std), self.attack_config, self.data_config
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["victim_metadata"] = asdict(self.victim_metadata())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("victim_metadata") or {}
+        self.attack_config = stored.get("attack", self.attack_config)
+        self.data_config = stored.get("data", self.data_config)
+
+    def export_victim(self, path: str | Path) -> Path:
+        """Write the classifier as a frozen-victim file (weights and metadata only)."""
+        classifier = self.classifier.to(memory_format=torch.contiguous_format)
+        try:
+            return save_victim(path, classifier, self.victim_metadata())
+        finally:
+            if self.hparams.channels_last:
+                self.classifier.to(memory_format=torch.channels_last)
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = self.export_victim(folder / self.hparams.export_name)
+        metrics = self.trainer.callback_metrics
+        summary = ", ".join(
+            f"{name.split('/')[1].upper()} {float(metrics[name]):.2%}" for name in ("val/ba", "val/asr") if name in metrics
+        )
+        rank_zero_info(f"Victim written to {path}" + (f" ({summary} on the last validation)" if summary else ""))
+
+

@@ -1,0 +1,165 @@
+"""Victim files: weights plus the facts a defense needs, never pickled objects (contract 3).
+
+A victim file is a safetensors file whose metadata holds the architecture, class count,
+normalization, and the attack and data settings that trained it, so a defense can rebuild the
+poisoned test set from the file alone. :func:`load_victim` also reads a Lightning checkpoint of
+:class:`~lightning_defense.victims.VictimTrainer` and a bare state dict from a third party, both
+through ``torch.load(weights_only=True)``, which refuses anything that would run code.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
+
+FORMAT = "lightning-defense-victim/1"
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint that is not a plain weights file, or is damaged."""
+
+
+@dataclass
+class VictimMetadata:
+    arch: str
+    num_classes: int
+    mean: Sequence[float] = CIFAR10_MEAN
+    std: Sequence[float] = CIFAR10_STD
+    # ``{"class_path": ..., "init_args": {...}}`` of the attack and of the data that trained it
+    attack: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_strings(self) -> dict[str, str]:
+        return {"format": FORMAT, **{k: json.dumps(v) for k, v in asdict(self).items()}}
+
+    @classmethod
+    def from_strings(cls, strings: Mapping[str, str]) -> VictimMetadata:
+        names = cls.__dataclass_fields__
+        return cls(**{k: json.loads(v) for k, v in strings.items() if k in names})
+
+
+def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetadata) -> Path:
+    """Write ``classifier``'s weights and ``metadata`` as one safetensors file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata.to_strings())
+    partial.replace(path)  # a crash mid-write leaves any earlier file intact
+    return path
+
+
+def _missing(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"Victim checkpoint {str(path)!r} does not exist. Train one with "
+        "`lightning fit --config configs/victims/cifar10_badnets.yaml` (it writes victim.safetensors "
+        "in the run folder), or use the shipped one in checkpoints/."
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} is not a weights-only checkpoint: it holds pickled Python objects, and "
+            "unpickling them could run arbitrary code, so it is refused. Ask its author for a "
+            "safetensors file or a plain state dict (`torch.save(model.state_dict(), path)`), or, if "
+            "you trust it, convert it yourself outside this tool."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} could not be read as a PyTorch checkpoint ({err}). It may be truncated "
+            "or not a checkpoint at all; re-copy or re-export it."
+        ) from err
+
+
+def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | None]:
+    """Weights and (when the file carries them) metadata, from any supported format."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    if path.suffix == ".safetensors":
+        try:
+            weights = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                strings = handle.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise UntrustedCheckpointError(
+                f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated. "
+                "Re-copy or re-export it."
+            ) from err
+        metadata = VictimMetadata.from_strings(strings) if strings.get("format") == FORMAT else None
+        return weights, metadata
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
+        prefix = "classifier."
+        weights = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        stored = obj.get("victim_metadata")
+        return weights, VictimMetadata(**stored) if stored else None
+    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj), None
+    raise UntrustedCheckpointError(
+        f"{str(path)!r} holds no state dict; expected a safetensors file, a Lightning checkpoint "
+        "of VictimTrainer, or `torch.save(model.state_dict(), path)`."
+    )
+
+
+def read_victim_metadata(path: str | Path) -> VictimMetadata | None:
+    return _read(path)[1]
+
+
+def load_victim(
+    path: str | Path,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Classifier:
+    """Load a victim frozen (contract 2) and from weights only (contract 3).
+
+    ``arch`` and ``num_classes`` are needed for a bare third-party state dict; for our own files
+    they are checked against what the file says, so a victim never meets data of another class
+    count unnoticed.
+    """
+    weights, metadata = _read(path)
+    if metadata is None:
+        if arch is None or num_classes is None:
+            raise ValueError(
+                f"{str(path)!r} is a bare state dict without metadata: pass `arch` and `num_classes` "
+                "(and `mean`/`std` if the network was trained on other normalization)."
+            )
+        metadata = VictimMetadata(arch, num_classes, mean or CIFAR10_MEAN, std or CIFAR10_STD)
+    if num_classes is not None and num_classes != metadata.num_classes:
+        raise ValueError(
+            f"Class-count mismatch: victim {str(path)!r} has {metadata.num_classes} classes but the "
+            f"data has {num_classes}. Use a victim trained on this data set, or the matching data."
+        )
+    if arch is not None and arch != metadata.arch:
+        raise ValueError(f"Victim {str(path)!r} is a {metadata.arch!r}, not a {arch!r}.")
+    classifier = Classifier(metadata.arch, metadata.num_classes, metadata.mean, metadata.std)
+    if "mean" not in weights:  # bare state dicts carry only the network
+        weights = {f"network.{k}": v for k, v in weights.items()}
+        weights |= {"mean": classifier.mean, "std": classifier.std}
+    try:
+        classifier.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(
+            f"The weights in {str(path)!r} do not fit a {metadata.arch!r} with "
+            f"{metadata.num_classes} classes: {err}"
+        ) from err
+    classifier.metadata = metadata
+    return classifier.freeze()
