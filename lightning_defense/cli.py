@@ -6,22 +6,57 @@ registers every LightningModule and DataModule, so short class names resolve.
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import Any
+
 from jsonargparse import lazy_instance
-from lightning import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
+from lightning_defense.errors import UserInputError
 
 
 class DefenseCLI(LightningCLI):
     """LightningCLI with the project's defaults: seed 0, rich progress bar, CSV logs under
     ``runs/``, and a checkpoint callback that always keeps ``last.ckpt``."""
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # the rich bar is a default, not an order: `enable_progress_bar: false` or another bar wins
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point; returns None so the script exits 0 on success."""
+    """Console-script entry point; returns None so the script exits 0 on success.
+
+    Errors in the user's input end the program with their message alone and exit code 2.
+    """
+    try:
+        _run(args)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None or os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _user_error(err: BaseException | None) -> UserInputError | None:
+    """Our own input error behind ``err``: jsonargparse wraps those raised while instantiating."""
+    while err is not None:
+        if isinstance(err, UserInputError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _run(args: list[str] | None) -> None:
     DefenseCLI(
         LightningModule,
         LightningDataModule,
@@ -30,7 +65,7 @@ def main(args: list[str] | None = None) -> None:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "callbacks": [RichProgressBar(), ModelCheckpoint(save_last=True)],
+            "callbacks": [ModelCheckpoint(save_last=True)],
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
         },
         args=args,

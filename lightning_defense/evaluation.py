@@ -12,6 +12,8 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_defense.errors import ConfigurationError
+
 METRIC_BY_LOADER = ("ba", "asr")
 
 
@@ -31,7 +33,9 @@ class BackdoorMetrics(nn.Module):
     def update(self, module: LightningModule, logits: Tensor, labels: Tensor, dataloader_idx: int) -> None:
         """Update BA (loader 0) or ASR (loader 1) and log it for the epoch."""
         if dataloader_idx >= len(METRIC_BY_LOADER):
-            raise ValueError(f"Evaluation loader {dataloader_idx} is neither the clean (0) nor the poisoned (1) set.")
+            raise ConfigurationError(
+                f"Evaluation loader {dataloader_idx} is neither the clean (0) nor the poisoned (1) set."
+            )
         metric = self.metrics[METRIC_BY_LOADER[dataloader_idx]]
         metric.update(logits.float(), labels)
         module.log(

@@ -4,6 +4,7 @@ import torch
 from torch import Tensor
 
 from lightning_defense.attacks.base import Attack, LabelMode
+from lightning_defense.errors import ConfigurationError
 
 
 class BadNets(Attack):
@@ -26,7 +27,7 @@ class BadNets(Attack):
     ) -> None:
         super().__init__(target, poison_rate, label_mode, seed)
         if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}.")
+            raise ConfigurationError(f"patch_size must be >= 1, got {patch_size}.")
         self.patch_size = patch_size
         self.position = tuple(position) if position is not None else None
         # colours on the uint8 grid, so a saved poisoned image holds exactly this patch
@@ -43,7 +44,7 @@ class BadNets(Attack):
         height, width = image_size
         row, col = self._corner(height, width)
         if row < 0 or col < 0 or row + self.patch_size > height or col + self.patch_size > width:
-            raise ValueError(
+            raise ConfigurationError(
                 f"BadNets trigger ({self.patch_size}x{self.patch_size} at row {row}, column {col}) "
                 f"does not fit in a {height}x{width} image: use a smaller patch_size or another position."
             )

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_defense.errors import ConfigurationError
+
 LabelMode = Literal["all_to_one", "all_to_all"]
 
 
@@ -45,11 +47,11 @@ class Attack(ABC):
         seed: int = 0,
     ) -> None:
         if not 0 < poison_rate <= 1:
-            raise ValueError(f"poison_rate must be in (0, 1], got {poison_rate}.")
+            raise ConfigurationError(f"poison_rate must be in (0, 1], got {poison_rate}.")
         if label_mode not in ("all_to_one", "all_to_all"):
-            raise ValueError(f"label_mode must be 'all_to_one' or 'all_to_all', got {label_mode!r}.")
+            raise ConfigurationError(f"label_mode must be 'all_to_one' or 'all_to_all', got {label_mode!r}.")
         if target < 0:
-            raise ValueError(f"target must be a class index >= 0, got {target}.")
+            raise ConfigurationError(f"target must be a class index >= 0, got {target}.")
         self.target = target
         self.poison_rate = poison_rate
         self.label_mode = label_mode
@@ -62,7 +64,7 @@ class Attack(ABC):
     def check(self, image_size: tuple[int, int], num_classes: int) -> None:
         """Fail early, naming the fix, when the attack cannot work on this data."""
         if self.label_mode == "all_to_one" and self.target >= num_classes:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Attack target {self.target} is not a class of this data set "
                 f"({num_classes} classes): choose a target in 0..{num_classes - 1}."
             )
@@ -78,9 +80,7 @@ class Attack(ABC):
     def _apply_uint8(self, images: Tensor, chunk: int = 2048) -> Tensor:
         return torch.cat([to_uint8(self.apply(to_float(c))) for c in images.split(chunk)])
 
-    def poison_training_set(
-        self, images: Tensor, labels: Tensor, num_classes: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
         """Poisoned copy of a uint8 training set: images, labels and the poisoned indices."""
         self.check(tuple(images.shape[-2:]), num_classes)
         order = torch.randperm(len(images), generator=self._generator())
@@ -128,7 +128,7 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
     known |= {c.__qualname__: c for c in known.values()}
     class_path = config.get("class_path")
     if class_path not in known:
-        raise ValueError(
+        raise ConfigurationError(
             f"Unknown attack {class_path!r}; known attacks: {', '.join(sorted(c for c in known if '.' not in c))}."
         )
     return known[class_path](**config.get("init_args", {}))

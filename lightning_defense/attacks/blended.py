@@ -8,6 +8,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from lightning_defense.attacks.base import Attack, LabelMode
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 
 class Blended(Attack):
@@ -30,9 +31,9 @@ class Blended(Attack):
     ) -> None:
         super().__init__(target, poison_rate, label_mode, seed)
         if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
+            raise ConfigurationError(f"alpha must be in (0, 1], got {alpha}.")
         if pattern_path is not None and not Path(pattern_path).is_file():
-            raise FileNotFoundError(f"Blended pattern image {pattern_path!r} does not exist.")
+            raise InputNotFoundError(f"Blended pattern image {pattern_path!r} does not exist.")
         self.alpha = alpha
         self.pattern_path = pattern_path
 

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_defense.attacks.base import Attack, LabelMode, to_float, to_uint8
+from lightning_defense.errors import ConfigurationError
 
 
 class WaNet(Attack):
@@ -37,9 +38,9 @@ class WaNet(Attack):
     ) -> None:
         super().__init__(target, poison_rate, label_mode, seed)
         if k < 2:
-            raise ValueError(f"k must be >= 2, got {k}.")
+            raise ConfigurationError(f"k must be >= 2, got {k}.")
         if cross_ratio < 0 or poison_rate * (1 + cross_ratio) > 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"cross_ratio {cross_ratio} with poison_rate {poison_rate} asks for more than the "
                 "whole training set: lower one of them."
             )
@@ -53,9 +54,7 @@ class WaNet(Attack):
     def grid(self, height: int, width: int) -> Tensor:
         """The trigger's sampling grid, 1 x H x W x 2, in grid_sample's [-1, 1] coordinates."""
         flow = F.interpolate(self._flow, size=(height, width), mode="bicubic", align_corners=True)
-        rows, cols = torch.meshgrid(
-            torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij"
-        )
+        rows, cols = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
         identity = torch.stack((cols, rows), dim=-1)[None]
         grid = (identity + self.s * flow.permute(0, 2, 3, 1) / height) * self.grid_rescale
         return grid.clamp(-1, 1)
@@ -73,9 +72,7 @@ class WaNet(Attack):
         noise = (torch.rand(len(images), height, width, 2, generator=generator) * 2 - 1) / height
         return self._warp(images, (self.grid(height, width) + noise).clamp(-1, 1))
 
-    def poison_training_set(
-        self, images: Tensor, labels: Tensor, num_classes: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
         images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
         # noise samples come right after the poisoned ones in the same seeded order
         order = torch.randperm(len(images), generator=self._generator())

@@ -8,17 +8,20 @@ from lightning_defense.data.datamodules import (
     ImageFolderDataModule,
 )
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
+from lightning_defense.data.embedded_cifar10 import EmbeddedCIFAR10DataModule, load_embedded_cifar10
 from lightning_defense.data.synthetic import SyntheticDataModule, procedural_images
 
 __all__ = [
     "BackdoorDataModule",
     "CIFAR10DataModule",
     "CINIC10DataModule",
+    "EmbeddedCIFAR10DataModule",
     "GTSRBDataModule",
     "ImageFolderDataModule",
     "ImageTensorDataset",
     "SyntheticDataModule",
     "data_home",
+    "load_embedded_cifar10",
     "load_image_folder",
     "per_class_split",
     "procedural_images",

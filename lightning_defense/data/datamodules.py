@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -72,7 +73,7 @@ class BackdoorDataModule(LightningDataModule):
 
     def _check_labels(self, labels: Tensor, what: str) -> None:
         if len(labels) and int(labels.max()) >= self.num_classes:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{type(self).__name__} {what} data has label {int(labels.max())}, but the module "
                 f"declares {self.num_classes} classes; fix num_classes or the data."
             )
@@ -142,8 +143,8 @@ class BackdoorDataModule(LightningDataModule):
         }
 
 
-def _missing_root(name: str, root: Path, layout: str, how: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing_root(name: str, root: Path, layout: str, how: str) -> InputNotFoundError:
+    return InputNotFoundError(
         f"{name} not found under {root}: expected {layout}. {how} Set `data.init_args.root` in the "
         f"config (or $LIGHTNING_DEFENSE_DATA for the default location {data_home()})."
     )
@@ -223,15 +224,13 @@ class ImageFolderDataModule(BackdoorDataModule):
 
     def _load(self, split: str) -> tuple[Tensor, Tensor]:
         if not (self.root / split).is_dir():
-            raise _missing_root(
-                self.name, self.root, f"{split}/<class>/<image> (ImageFolder layout)", self.how_to_get
-            )
+            raise _missing_root(self.name, self.root, f"{split}/<class>/<image> (ImageFolder layout)", self.how_to_get)
         images, labels, classes = load_image_folder(self.root / split, self.classes, self.image_size)
         if self.classes is None:
             self.classes = classes
             declared = getattr(self, "num_classes", None)
             if declared is not None and declared != len(classes):
-                raise ValueError(
+                raise ConfigurationError(
                     f"{self.name} under {self.root} has {len(classes)} class folders but "
                     f"{declared} classes were asked for: fix num_classes or the data."
                 )
@@ -275,7 +274,9 @@ class CINIC10DataModule(ImageFolderDataModule):
 
     name = "CINIC-10"
     default_root = "cinic10"
-    how_to_get = "Download CINIC-10 from its publishers and unpack it so that root/train, root/valid and root/test exist."
+    how_to_get = (
+        "Download CINIC-10 from its publishers and unpack it so that root/train, root/valid and root/test exist."
+    )
 
     def __init__(self, root: str | None = None, use_valid_for_training: bool = False, **kwargs) -> None:
         kwargs.setdefault("num_classes", 10)

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 
 
@@ -31,9 +33,9 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}.")
+            raise ConfigurationError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}.")
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+            raise ConfigurationError(f"{len(images)} images but {len(labels)} labels.")
         self.images = images
         self.labels = labels.long()
         self.transform = transform
@@ -60,7 +62,7 @@ def decode_files(files: Sequence[Path], size: tuple[int, int] | None = None, des
         return torch.empty(0, 3, *(size or (0, 0)), dtype=torch.uint8)
     shapes = {tuple(i.shape) for i in images}
     if len(shapes) > 1:
-        raise ValueError(f"Images differ in size ({sorted(shapes)[:3]}...): pass an image size to resize them.")
+        raise ConfigurationError(f"Images differ in size ({sorted(shapes)[:3]}...): pass an image size to resize them.")
     return torch.stack(images)
 
 
@@ -73,20 +75,20 @@ def load_image_folder(
     ``classes`` fixes the order (and then every one of them must be present).
     """
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a folder.")
+        raise InputNotFoundError(f"{root} is not a folder.")
     found = sorted(d.name for d in root.iterdir() if d.is_dir())
     if classes is None:
         classes = found
     missing = [c for c in classes if c not in found]
     if missing:
-        raise FileNotFoundError(f"{root} lacks the class folders {missing[:5]}.")
+        raise InputNotFoundError(f"{root} lacks the class folders {missing[:5]}.")
     files, labels = [], []
     for label, name in enumerate(classes):
         batch = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         files += batch
         labels += [label] * len(batch)
     if not files:
-        raise FileNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise InputNotFoundError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     images = decode_files(files, size, description=f"Decoding {root}")
     return images, torch.tensor(labels), list(classes)
 
@@ -94,7 +96,7 @@ def load_image_folder(
 def per_class_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded split that takes ``fraction`` of every class: (kept indices, held-out indices)."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"The held-out fraction must be in [0, 1), got {fraction}.")
+        raise ConfigurationError(f"The held-out fraction must be in [0, 1), got {fraction}.")
     generator = torch.Generator().manual_seed(seed)
     held = []
     for cls in labels.unique(sorted=True):

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_defense.data.datamodules import BackdoorDataModule
+from lightning_defense.errors import ConfigurationError
 
 
 def procedural_images(
@@ -51,7 +52,7 @@ class SyntheticDataModule(BackdoorDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+            raise ConfigurationError(f"num_classes must be at least 2, got {num_classes}.")
         self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class

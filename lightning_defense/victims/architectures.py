@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lightning_defense.errors import ConfigurationError
+
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -25,9 +27,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -107,9 +107,7 @@ class VGG16BN(nn.Module):
                 layers += [nn.Conv2d(in_channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(True)]
                 in_channels = v
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(512, 512), nn.ReLU(True), nn.Linear(512, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(512, 512), nn.ReLU(True), nn.Linear(512, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
@@ -142,7 +140,7 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 
 def build_network(arch: str, num_classes: int) -> nn.Module:
     if arch not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
+        raise ConfigurationError(f"Unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}.")
+        raise ConfigurationError(f"num_classes must be at least 2, got {num_classes}.")
     return ARCHITECTURES[arch](num_classes)

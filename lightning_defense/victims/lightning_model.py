@@ -13,6 +13,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_defense.errors import ConfigurationError
 from lightning_defense.evaluation import BackdoorMetrics
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
@@ -68,7 +69,7 @@ class VictimTrainer(LightningModule):
             return
         declared = getattr(datamodule, "num_classes", None)
         if declared is not None and declared != self.hparams.num_classes:
-            raise ValueError(
+            raise ConfigurationError(
                 f"Class-count mismatch: model.num_classes is {self.hparams.num_classes} but "
                 f"{type(datamodule).__name__} has {declared} classes. Set model.init_args.num_classes: {declared}."
             )
@@ -136,8 +137,8 @@ class VictimTrainer(LightningModule):
         path = self.export_victim(folder / self.hparams.export_name)
         metrics = self.trainer.callback_metrics
         summary = ", ".join(
-            f"{name.split('/')[1].upper()} {float(metrics[name]):.2%}" for name in ("val/ba", "val/asr") if name in metrics
+            f"{name.split('/')[1].upper()} {float(metrics[name]):.2%}"
+            for name in ("val/ba", "val/asr")
+            if name in metrics
         )
         rank_zero_info(f"Victim written to {path}" + (f" ({summary} on the last validation)" if summary else ""))
-
-

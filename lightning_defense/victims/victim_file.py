@@ -20,13 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
 FORMAT = "lightning-defense-victim/1"
-
-
-class UntrustedCheckpointError(ValueError):
-    """A checkpoint that is not a plain weights file, or is damaged."""
 
 
 @dataclass
@@ -60,8 +57,8 @@ def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetada
     return path
 
 
-def _missing(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(
+def _missing(path: Path) -> InputNotFoundError:
+    return InputNotFoundError(
         f"Victim checkpoint {str(path)!r} does not exist. Train one with "
         "`lightning fit --config configs/victims/cifar10_badnets.yaml` (it writes victim.safetensors "
         "in the run folder), or use the shipped one in checkpoints/."
@@ -138,18 +135,18 @@ def load_victim(
     weights, metadata = _read(path)
     if metadata is None:
         if arch is None or num_classes is None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"{str(path)!r} is a bare state dict without metadata: pass `arch` and `num_classes` "
                 "(and `mean`/`std` if the network was trained on other normalization)."
             )
         metadata = VictimMetadata(arch, num_classes, mean or CIFAR10_MEAN, std or CIFAR10_STD)
     if num_classes is not None and num_classes != metadata.num_classes:
-        raise ValueError(
+        raise ConfigurationError(
             f"Class-count mismatch: victim {str(path)!r} has {metadata.num_classes} classes but the "
             f"data has {num_classes}. Use a victim trained on this data set, or the matching data."
         )
     if arch is not None and arch != metadata.arch:
-        raise ValueError(f"Victim {str(path)!r} is a {metadata.arch!r}, not a {arch!r}.")
+        raise ConfigurationError(f"Victim {str(path)!r} is a {metadata.arch!r}, not a {arch!r}.")
     classifier = Classifier(metadata.arch, metadata.num_classes, metadata.mean, metadata.std)
     if "mean" not in weights:  # bare state dicts carry only the network
         weights = {f"network.{k}": v for k, v in weights.items()}
@@ -157,9 +154,8 @@ def load_victim(
     try:
         classifier.load_state_dict(weights)
     except RuntimeError as err:
-        raise ValueError(
-            f"The weights in {str(path)!r} do not fit a {metadata.arch!r} with "
-            f"{metadata.num_classes} classes: {err}"
+        raise ConfigurationError(
+            f"The weights in {str(path)!r} do not fit a {metadata.arch!r} with {metadata.num_classes} classes: {err}"
         ) from err
     classifier.metadata = metadata
     return classifier.freeze()

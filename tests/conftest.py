@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_jpeg, write_png
+
+
+def write_image_folder(
+    root: Path, classes: list[str], per_class: int, size: int = 32, suffix: str = ".jpg", seed: int = 0
+) -> None:
+    """An ImageFolder tree of small random images, each class with its own mean colour."""
+    generator = torch.Generator().manual_seed(seed)
+    for label, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = torch.randint(0, 64, (3, size, size), generator=generator, dtype=torch.uint8) + 16 * label
+            if suffix == ".png":
+                write_png(image, str(folder / f"{i:04d}.png"))
+            else:
+                write_jpeg(image, str(folder / f"{i:04d}.jpg"), quality=95)
+
+
+@pytest.fixture
+def image_folder_writer():
+    return write_image_folder

@@ -1,0 +1,125 @@
+"""The console script end to end, on tiny configs the tests write (torchgeo style)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_defense.cli import main
+from lightning_defense.victims import load_victim, read_victim_metadata
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path: Path, **data_overrides) -> Path:
+    data = {
+        "train_per_class": 8,
+        "test_per_class": 4,
+        "batch_size": 16,
+        "reserved_fraction": 0.1,
+        "attack": {"class_path": "BadNets", "init_args": {"target": 1, "poison_rate": 0.2}},
+    } | data_overrides
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20", "num_classes": 10}},
+        "data": {"class_path": "SyntheticDataModule", "init_args": data},
+        "trainer": {
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 2,
+            "limit_test_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "LIGHTNING_DEFENSE_TRACEBACK": ""}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_fit_then_test_and_the_checkpoint_is_a_frozen_victim(tmp_path):
+    config = tiny_config(tmp_path)
+    fit = run([str(BIN / "lightning"), "fit", "--config", str(config)], tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny" / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (run_dir / "victim.safetensors").is_file()
+    metrics = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/ba", "val/asr", "train/loss"} <= set(metrics)
+
+    for path in (last, run_dir / "victim.safetensors"):
+        victim = load_victim(path, num_classes=10)
+        assert not victim.training and not any(p.requires_grad for p in victim.parameters())
+        attack = read_victim_metadata(path).attack
+        assert attack["init_args"]["target"] == 1 and attack["class_path"].endswith("BadNets")
+    # the Lightning checkpoint itself holds nothing that needs unpickling
+    assert "state_dict" in torch.load(last, weights_only=True)
+
+    test = run([str(BIN / "lightning"), "test", "--config", str(config), "--ckpt_path", str(last)], tmp_path)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "test/ba" in test.stdout and "test/asr" in test.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["lightning-defense", "--help"], [sys.executable, "-m", "lightning_defense", "fit", "--help"]],
+)
+def test_other_entry_points(command, tmp_path):
+    if command[0] == "lightning-defense":
+        command = [str(BIN / command[0]), *command[1:]]
+    result = run(command, tmp_path)
+    assert result.returncode == 0 and "fit" in result.stdout
+
+
+def test_main_returns_none_for_the_console_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    assert main(["fit", "--config", str(tiny_config(tmp_path)), "--trainer.enable_progress_bar", "false"]) is None
+
+
+def test_class_count_mismatch_is_one_clear_line(tmp_path):
+    config = tiny_config(tmp_path, num_classes=4)
+    result = run([str(BIN / "lightning"), "fit", "--config", str(config)], tmp_path)
+    assert result.returncode == 2
+    assert "Class-count mismatch" in result.stderr and "num_classes: 4" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_poison_rate_is_one_clear_line(tmp_path):
+    config = tiny_config(tmp_path, attack={"class_path": "BadNets", "init_args": {"poison_rate": 1.5}})
+    result = run([str(BIN / "lightning"), "fit", "--config", str(config)], tmp_path)
+    assert result.returncode != 0 and "poison_rate must be in (0, 1]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_root_is_one_clear_line(tmp_path):
+    config = yaml.safe_load(tiny_config(tmp_path).read_text())
+    config["data"] = {"class_path": "CIFAR10DataModule", "init_args": {"root": str(tmp_path / "none")}}
+    path = tmp_path / "cifar.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run([str(BIN / "lightning"), "fit", "--config", str(path)], tmp_path)
+    assert result.returncode == 2 and "CIFAR-10 not found" in result.stderr and "tar -xzf" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("lightning_defense.")

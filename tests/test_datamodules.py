@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_defense.attacks import BadNets
+from lightning_defense.data import (
+    CIFAR10DataModule,
+    CINIC10DataModule,
+    EmbeddedCIFAR10DataModule,
+    GTSRBDataModule,
+    ImageFolderDataModule,
+    SyntheticDataModule,
+    per_class_split,
+)
+from lightning_defense.data.datamodules import CIFAR10_CLASSES
+
+
+def first_batch(loader):
+    return next(iter(loader))
+
+
+def check_served(images: torch.Tensor) -> None:
+    # contract 1: float in [0, 1], NCHW
+    assert images.dtype == torch.float32 and images.ndim == 4 and images.shape[1] == 3
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_cifar10_image_folder_layout_with_attack(tmp_path, image_folder_writer):
+    for split in ("train", "test"):
+        image_folder_writer(tmp_path / split, list(CIFAR10_CLASSES), per_class=20)
+    dm = CIFAR10DataModule(str(tmp_path), batch_size=16, attack=BadNets(target=0), reserved_fraction=0.1)
+    dm.setup("fit")
+    assert len(dm.train_set) == 180 and len(dm.reserved_set()) == 20
+    assert dm.reserved_labels.bincount().tolist() == [2] * 10
+    assert len(dm.poisoned_indices) == 18
+    clean, poisoned = dm.val_dataloader()
+    assert len(clean.dataset) == 200 and len(poisoned.dataset) == 180  # target class left out
+    images, labels = first_batch(dm.train_dataloader())
+    check_served(images)
+    assert first_batch(poisoned)[1].eq(0).all()
+
+
+def test_reserved_split_is_seeded_per_class_and_disjoint():
+    labels = torch.arange(1000) % 10
+    kept, held = per_class_split(labels, 0.05, seed=3)
+    assert len(held) == 50 and labels[held].bincount().tolist() == [5] * 10
+    assert not set(kept.tolist()) & set(held.tolist()) and len(kept) + len(held) == 1000
+    assert torch.equal(per_class_split(labels, 0.05, seed=3)[1], held)
+    assert not torch.equal(per_class_split(labels, 0.05, seed=4)[1], held)
+
+
+def test_reserved_images_never_reach_the_victim(tmp_path, image_folder_writer):
+    for split in ("train", "test"):
+        image_folder_writer(tmp_path / split, list(CIFAR10_CLASSES), per_class=10)
+    dm = CIFAR10DataModule(str(tmp_path), reserved_fraction=0.2)
+    dm.setup()
+    train = {tuple(x.flatten()[:64].tolist()) for x in dm.train_set.images}
+    reserved = {tuple(x.flatten()[:64].tolist()) for x in dm.reserved_images}
+    assert len(reserved) == 20 and not train & reserved
+
+
+def test_missing_data_root_says_how_to_get_it(tmp_path):
+    dm = CIFAR10DataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="download: true.*tar -xzf"):
+        dm.setup()
+
+
+def test_gtsrb_layout_resizes_and_counts_classes(tmp_path, image_folder_writer):
+    classes = [f"{i:05d}" for i in range(43)]
+    image_folder_writer(tmp_path / "train", classes, per_class=2, size=40)
+    image_folder_writer(tmp_path / "test", classes, per_class=1, size=28)
+    dm = GTSRBDataModule(str(tmp_path), batch_size=8, reserved_fraction=0.0)
+    dm.setup()
+    assert dm.num_classes == 43 and dm.train_set.images.shape[1:] == (3, 32, 32)
+    assert dm.test_set.images.shape == (43, 3, 32, 32)
+
+
+def test_image_folder_class_count_mismatch(tmp_path, image_folder_writer):
+    for split in ("train", "test"):
+        image_folder_writer(tmp_path / split, ["a", "b", "c"], per_class=2)
+    with pytest.raises(ValueError, match="3 class folders but 5 classes"):
+        ImageFolderDataModule(str(tmp_path), num_classes=5).setup()
+
+
+def test_cinic10_published_layout(tmp_path, image_folder_writer):
+    for split in ("train", "valid", "test"):
+        image_folder_writer(tmp_path / split, list(CIFAR10_CLASSES), per_class=3, suffix=".png")
+    dm = CINIC10DataModule(str(tmp_path), use_valid_for_training=True, reserved_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_set) == 60 and len(dm.test_set) == 30
+    check_served(first_batch(dm.train_dataloader())[0])
+
+
+def test_synthetic_is_deterministic_and_class_dependent():
+    a = SyntheticDataModule(train_per_class=20, test_per_class=5, reserved_fraction=0.0)
+    b = SyntheticDataModule(train_per_class=20, test_per_class=5, reserved_fraction=0.0)
+    a.setup(), b.setup()
+    assert torch.equal(a.train_set.images, b.train_set.images)
+    assert not torch.equal(a.train_set.images, a.test_set.images[: len(a.train_set)].repeat(4, 1, 1, 1))
+    other = SyntheticDataModule(train_per_class=20, test_per_class=5, reserved_fraction=0.0, data_seed=1)
+    other.setup()
+    assert not torch.equal(a.train_set.images, other.train_set.images)
+    # class means differ: a nearest-class-mean classifier beats chance by far
+    images, labels = a.train_set.images.float(), a.train_set.labels
+    means = torch.stack([images[labels == c].mean(0) for c in range(10)])
+    test = a.test_set.images.float()
+    predicted = torch.cdist(test.flatten(1), means.flatten(1)).argmin(1)
+    assert (predicted == a.test_set.labels).float().mean() > 0.3
+
+
+def test_embedded_subset_loads():
+    dm = EmbeddedCIFAR10DataModule(reserved_fraction=0.0)
+    dm.setup()
+    assert len(dm.train_set) == 10_000 and len(dm.test_set) == 2_000
+    assert dm.test_set.labels.bincount().tolist() == [200] * 10

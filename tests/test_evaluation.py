@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning import LightningModule
+
+from lightning_defense.evaluation import BackdoorMetrics
+
+
+class _Recorder(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.logged = {}
+
+    def log(self, name, value, **kwargs):
+        self.logged[name] = value
+
+
+def one_hot_logits(predictions: list[int], num_classes: int = 4) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.tensor(predictions), num_classes).float()
+
+
+def test_ba_and_asr_on_hand_made_predictions():
+    metrics, module = BackdoorMetrics(4, "val"), _Recorder()
+    # clean set: 3 of 5 right, split over two batches
+    metrics.update(module, one_hot_logits([0, 1, 2]), torch.tensor([0, 1, 3]), dataloader_idx=0)
+    metrics.update(module, one_hot_logits([3, 0]), torch.tensor([3, 2]), dataloader_idx=0)
+    # poisoned set, attacker's label 0: 3 of 4 land on it
+    metrics.update(module, one_hot_logits([0, 0, 1, 0]), torch.tensor([0, 0, 0, 0]), dataloader_idx=1)
+    assert set(module.logged) == {"val/ba", "val/asr"}
+    assert module.logged["val/ba"].compute().item() == pytest.approx(3 / 5)
+    assert module.logged["val/asr"].compute().item() == pytest.approx(3 / 4)
+
+
+def test_prefix_names_the_undefended_victim():
+    metrics = BackdoorMetrics(4, "test", prefix="victim_")
+    assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"
