@@ -123,3 +123,20 @@ def test_every_shipped_config_parses(config, monkeypatch, capsys):
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_defense.")
+
+
+def test_same_seed_same_victim(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    weights = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        config = str(tiny_config(folder))
+        main(["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false"])
+        weights.append(load_file(str(folder / "runs" / "tiny" / "version_0" / "victim.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not torch.equal(weights[0]["network.fc.weight"], weights[2]["network.fc.weight"])
