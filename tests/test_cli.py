@@ -60,11 +60,15 @@ def test_console_script_fit_then_test_and_the_checkpoint_is_a_frozen_victim(tmp_
     metrics = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val/ba", "val/asr", "train/loss"} <= set(metrics)
 
+    images = torch.rand(4, 3, 32, 32)
+    outputs = []
     for path in (last, run_dir / "victim.safetensors"):
         victim = load_victim(path, num_classes=10)
+        outputs.append(victim(images))
         assert not victim.training and not any(p.requires_grad for p in victim.parameters())
         attack = read_victim_metadata(path).attack
         assert attack["init_args"]["target"] == 1 and attack["class_path"].endswith("BadNets")
+    assert torch.allclose(*outputs)  # the exported file is the checkpoint's network
     # the Lightning checkpoint itself holds nothing that needs unpickling
     assert "state_dict" in torch.load(last, weights_only=True)
 

@@ -41,7 +41,9 @@ class BadNets(Attack):
 
     def check(self, image_size: tuple[int, int], num_classes: int) -> None:
         super().check(image_size, num_classes)
-        height, width = image_size
+        self._check_fits(*image_size)
+
+    def _check_fits(self, height: int, width: int) -> None:
         row, col = self._corner(height, width)
         if row < 0 or col < 0 or row + self.patch_size > height or col + self.patch_size > width:
             raise ConfigurationError(
@@ -51,7 +53,7 @@ class BadNets(Attack):
 
     def apply(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
-        self.check((height, width), num_classes=self.target + 1)
+        self._check_fits(height, width)
         row, col = self._corner(height, width)
         out = images.clone()
         out[..., row : row + self.patch_size, col : col + self.patch_size] = self.pattern.to(images)

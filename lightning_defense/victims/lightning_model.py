@@ -123,12 +123,7 @@ class VictimTrainer(LightningModule):
 
     def export_victim(self, path: str | Path) -> Path:
         """Write the classifier as a frozen-victim file (weights and metadata only)."""
-        classifier = self.classifier.to(memory_format=torch.contiguous_format)
-        try:
-            return save_victim(path, classifier, self.victim_metadata())
-        finally:
-            if self.hparams.channels_last:
-                self.classifier.to(memory_format=torch.channels_last)
+        return save_victim(path, self.classifier, self.victim_metadata())
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -89,11 +89,9 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
         raise _missing(path)
     if path.suffix == ".safetensors":
         try:
-            weights = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as handle:
                 strings = handle.metadata() or {}
+                weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as err:
             raise UntrustedCheckpointError(
                 f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated. "
