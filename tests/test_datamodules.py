@@ -114,3 +114,30 @@ def test_embedded_subset_loads():
     dm.setup()
     assert len(dm.train_set) == 10_000 and len(dm.test_set) == 2_000
     assert dm.test_set.labels.bincount().tolist() == [200] * 10
+
+
+def test_cifar10_torchvision_format(tmp_path, monkeypatch):
+    """torchvision's own layout (cifar-10-batches-py); the fixture cannot match the official md5s."""
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list]
+    for i, name in enumerate(names):
+        batch = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": [(i + j) % 10 for j in range(10)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": list(CIFAR10_CLASSES)}, f)
+    monkeypatch.setattr(CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    dm = CIFAR10DataModule(str(tmp_path), reserved_fraction=0.0, augment=False)
+    dm.setup()
+    assert len(dm.train_set) == 50 and len(dm.test_set) == 10
+    with open(folder / names[0], "rb") as f:
+        first = pickle.load(f)["data"][0]
+    assert torch.equal(dm.train_set.images[0], torch.from_numpy(first.copy()).view(3, 32, 32))
