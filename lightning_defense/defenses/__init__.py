@@ -1,0 +1,1 @@
+"""Defenses: each wraps a frozen victim classifier."""

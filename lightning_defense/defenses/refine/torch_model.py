@@ -1,0 +1,182 @@
+"""REFINE (Chen et al., ICLR 2025): model reprogramming against backdoors, in plain torch.
+
+A frozen, possibly backdoored victim F is defended without touching its weights: an input
+transformation network T (a UNet) rewrites every image, and a fixed label permutation M (a
+derangement) remaps the victim's outputs, so the defended model is M(F(T(x))). T is trained on
+unlabeled data so that M(F(T(x))) predicts what F predicts on the clean, untransformed x, while
+the rewriting destroys triggers. The loss is a classification term on the victim's pseudo-labels
+plus a supervised contrastive term on T's outputs that pulls images of one pseudo-class together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_defense.errors import ConfigurationError
+from lightning_defense.victims.classifier import Classifier
+
+ClassificationLoss = Literal["ce", "bce"]
+
+
+def derangement(num_classes: int, seed: int) -> Tensor:
+    """A seeded permutation of ``range(num_classes)`` with no fixed point."""
+    if num_classes < 2:
+        raise ConfigurationError(f"A label permutation needs at least 2 classes, got {num_classes}.")
+    generator = torch.Generator().manual_seed(seed)
+    identity = torch.arange(num_classes)
+    while True:  # about e (2.72) draws on average
+        permutation = torch.randperm(num_classes, generator=generator)
+        if not (permutation == identity).any():
+            return permutation
+
+
+class LabelPermutation(nn.Module):
+    """M: output j of the defended model is the victim's output ``permutation[j]``.
+
+    The permutation is a buffer, so it is saved with the weights and restored on load.
+    """
+
+    def __init__(self, num_classes: int, seed: int = 0, enabled: bool = True) -> None:
+        super().__init__()
+        permutation = derangement(num_classes, seed) if enabled else torch.arange(num_classes)
+        self.register_buffer("permutation", permutation)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits[:, self.permutation]
+
+
+class TransformNet(nn.Module):
+    """T: a UNet from segmentation-models-pytorch, image in [0, 1] to image in [0, 1].
+
+    The output goes through a sigmoid rather than the official code's clamp, so pixels that
+    leave [0, 1] still get gradients. Encoder stages deeper than ``encoder_depth`` are removed:
+    smp keeps them, their parameters get no gradient, and DDP fails on unused parameters.
+
+    Args:
+        encoder_name: any smp encoder (``resnet18``, ``resnet34``, ``vgg11_bn``...).
+        encoder_depth: number of down-sampling stages (3 to 5); 32x32 images allow 5.
+        decoder_channels: one width per stage, deepest first.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet18",
+        encoder_depth: int = 4,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != encoder_depth:
+            raise ConfigurationError(
+                f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "
+                f"{encoder_depth}: give one decoder width per encoder stage."
+            )
+        self.unet = smp.Unet(
+            encoder_name=encoder_name,
+            encoder_weights=None,  # nothing can be downloaded; T learns from scratch
+            encoder_depth=encoder_depth,
+            decoder_channels=list(decoder_channels),
+            in_channels=in_channels,
+            classes=in_channels,
+        )
+        self._remove_unused_stages()
+
+    def _remove_unused_stages(self) -> None:
+        """Replace encoder stages that a forward pass never reaches (found by one probe)."""
+        encoder = self.unet.encoder
+        self.unet.train(False)  # eval: the probe must not touch BatchNorm statistics
+        self.unet(torch.zeros(2, encoder._in_channels, 32, 32)).sum().backward()
+        for name, child in list(encoder.named_children()):
+            params = list(child.parameters())
+            if params and all(p.grad is None for p in params):
+                setattr(encoder, name, nn.Identity())
+        self.unet.zero_grad(set_to_none=True)
+        self.unet.train(True)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.sigmoid(self.unet(images))
+
+
+def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020) of L2-normalized ``features``.
+
+    Each anchor's positives are the other samples with the same label; the denominator runs over
+    every other sample. Anchors without positives are left out of the mean.
+    """
+    features = F.normalize(features.flatten(1).float(), dim=1)
+    similarity = features @ features.T / temperature
+    self_mask = torch.eye(len(features), dtype=torch.bool, device=features.device)
+    similarity = similarity.masked_fill(self_mask, float("-inf"))
+    log_prob = similarity - similarity.logsumexp(dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    counts = positives.sum(dim=1)
+    has_positive = counts > 0
+    if not has_positive.any():
+        return features.sum() * 0  # keeps the graph; nothing to contrast in this batch
+    mean_log_prob = log_prob.masked_fill(~positives, 0).sum(dim=1)[has_positive] / counts[has_positive]
+    return -mean_log_prob.mean()
+
+
+class Refine(nn.Module):
+    """The defended model M(F(T(x))) and REFINE's training loss.
+
+    Args:
+        victim: the frozen classifier F (taking [0, 1] pixels).
+        transform_net: T.
+        label_permutation: M.
+        classification_loss: ``ce`` (the paper) or ``bce`` (the official code: binary
+            cross-entropy between the permuted softmax and the one-hot pseudo-label).
+        contrastive_weight: lambda of the supervised contrastive term; 0 disables it.
+        temperature: tau of the supervised contrastive term.
+    """
+
+    def __init__(
+        self,
+        victim: Classifier,
+        transform_net: TransformNet,
+        label_permutation: LabelPermutation,
+        classification_loss: ClassificationLoss = "ce",
+        contrastive_weight: float = 0.1,
+        temperature: float = 0.07,
+    ) -> None:
+        super().__init__()
+        if classification_loss not in ("ce", "bce"):
+            raise ConfigurationError(f"classification_loss must be 'ce' or 'bce', got {classification_loss!r}.")
+        self.victim = victim.freeze()
+        self.transform_net = transform_net
+        self.label_permutation = label_permutation
+        self.classification_loss = classification_loss
+        self.contrastive_weight = contrastive_weight
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: Tensor) -> Tensor:
+        """ȳ = argmax F(x) on the untransformed images; ground truth is never used."""
+        return self.victim(images).argmax(dim=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.label_permutation(self.victim(self.transform_net(images)))
+
+    def loss(self, images: Tensor, pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """REFINE's loss on a batch; returns the total and its parts."""
+        if pseudo_labels is None:
+            pseudo_labels = self.pseudo_labels(images)
+        transformed = self.transform_net(images)
+        logits = self.label_permutation(self.victim(transformed)).float()
+        if self.classification_loss == "ce":
+            classification = F.cross_entropy(logits, pseudo_labels)
+        else:
+            target = F.one_hot(pseudo_labels, logits.shape[1]).float()
+            classification = F.binary_cross_entropy(logits.softmax(dim=1), target)
+        parts = {"classification": classification}
+        total = classification
+        if self.contrastive_weight > 0:
+            parts["contrastive"] = supervised_contrastive_loss(transformed, pseudo_labels, self.temperature)
+            total = total + self.contrastive_weight * parts["contrastive"]
+        return {"loss": total, **parts}

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_defense.defenses.refine import (
+    LabelPermutation,
+    Refine,
+    TransformNet,
+    derangement,
+    supervised_contrastive_loss,
+)
+from lightning_defense.victims import Classifier
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 10, 43])
+def test_permutation_is_a_seeded_derangement(num_classes):
+    permutation = derangement(num_classes, seed=5)
+    assert sorted(permutation.tolist()) == list(range(num_classes))
+    assert not (permutation == torch.arange(num_classes)).any()
+    assert torch.equal(permutation, derangement(num_classes, seed=5))
+
+
+def test_permutation_survives_save_and_load():
+    saved = LabelPermutation(10, seed=1)
+    loaded = LabelPermutation(10, seed=2)
+    assert not torch.equal(saved.permutation, loaded.permutation)
+    loaded.load_state_dict(saved.state_dict())
+    assert torch.equal(saved.permutation, loaded.permutation)
+    logits = torch.randn(3, 10)
+    assert torch.equal(loaded(logits)[:, 4], logits[:, saved.permutation[4]])
+
+
+def slow_supcon(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = torch.nn.functional.normalize(features.flatten(1), dim=1)
+    total, anchors = 0.0, 0
+    for i in range(len(z)):
+        positives = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        if not positives:
+            continue
+        denominator = sum(math.exp(float(z[i] @ z[a]) / temperature) for a in range(len(z)) if a != i)
+        total += -sum(float(z[i] @ z[p]) / temperature - math.log(denominator) for p in positives) / len(positives)
+        anchors += 1
+    return torch.tensor(total / anchors)
+
+
+def test_supcon_matches_a_direct_computation():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(9, 3, 4, 4, generator=generator)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 0])  # class 2 has no positive
+    fast = supervised_contrastive_loss(features, labels, temperature=0.5)
+    assert fast.item() == pytest.approx(slow_supcon(features, labels, 0.5).item(), rel=1e-5)
+
+
+def test_supcon_is_lower_when_same_label_samples_are_closer():
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(4, 32, generator=generator)
+    labels = torch.arange(4).repeat_interleave(4)
+    tight = centres[labels] + 0.05 * torch.randn(16, 32, generator=generator)
+    loose = centres[labels] + 2.0 * torch.randn(16, 32, generator=generator)
+    assert supervised_contrastive_loss(tight, labels) < supervised_contrastive_loss(loose, labels)
+
+
+@pytest.mark.parametrize("depth, channels", [(3, (64, 32, 16)), (4, (64, 32, 16, 8))])
+def test_transform_net_keeps_size_and_range_and_every_parameter_learns(depth, channels):
+    net = TransformNet("resnet18", depth, channels)
+    images = torch.rand(2, 3, 32, 32)
+    out = net(images)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())  # DDP needs every parameter used
+
+
+def make_refine(**kwargs) -> Refine:
+    torch.manual_seed(0)
+    return Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10), **kwargs)
+
+
+@pytest.mark.parametrize("classification_loss", ["ce", "bce"])
+def test_one_step_changes_t_and_leaves_the_victim_untouched(classification_loss):
+    refine = make_refine(classification_loss=classification_loss)
+    refine.train()
+    assert not refine.victim.training
+    victim_before = {k: v.clone() for k, v in refine.victim.state_dict().items()}
+    t_before = [p.clone() for p in refine.transform_net.parameters()]
+    optimizer = torch.optim.SGD(refine.transform_net.parameters(), lr=0.1)
+    losses = refine.loss(torch.rand(8, 3, 32, 32))
+    assert set(losses) == {"loss", "classification", "contrastive"}
+    losses["loss"].backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(t_before, refine.transform_net.parameters()))
+    # weights and BatchNorm buffers (running means, counts) alike
+    assert all(torch.equal(victim_before[k], v) for k, v in refine.victim.state_dict().items())
+
+
+def test_identity_transform_and_permutation_give_the_victims_predictions():
+    refine = make_refine()
+    refine.transform_net = torch.nn.Identity()
+    refine.label_permutation = LabelPermutation(10, enabled=False)
+    images = torch.rand(16, 3, 32, 32)
+    assert torch.equal(refine(images).argmax(1), refine.victim(images).argmax(1))
