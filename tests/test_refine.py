@@ -101,3 +101,55 @@ def test_identity_transform_and_permutation_give_the_victims_predictions():
     refine.label_permutation = LabelPermutation(10, enabled=False)
     images = torch.rand(16, 3, 32, 32)
     assert torch.equal(refine(images).argmax(1), refine.victim(images).argmax(1))
+
+
+def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp_path, monkeypatch):
+    import sys
+
+    import yaml
+
+    from lightning_defense.attacks import BadNets
+    from lightning_defense.cli import main
+    from lightning_defense.victims import VictimMetadata, load_victim, save_victim
+
+    torch.manual_seed(0)
+    victim_path = tmp_path / "victim.safetensors"
+    save_victim(victim_path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
+    config = {
+        "seed_everything": 0,
+        "model": {
+            "class_path": "REFINE",
+            "init_args": {"victim": str(victim_path), "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+        },
+        "data": {
+            "class_path": "DefenseDataModule",
+            "init_args": {
+                "source": {
+                    "class_path": "SyntheticDataModule",
+                    "init_args": {"train_per_class": 8, "test_per_class": 4, "reserved_fraction": 0.25},
+                },
+                "aux_data": {"class_path": "ReservedData"},
+                "victim": str(victim_path),
+                "batch_size": 8,
+            },
+        },
+        "trainer": {
+            "max_epochs": 1,
+            "limit_train_batches": 2,
+            "limit_val_batches": 1,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "r"}},
+        },
+    }
+    (tmp_path / "refine.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    main(["fit", "--config", str(tmp_path / "refine.yaml")])
+    run = tmp_path / "runs" / "r" / "version_0"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/ba", "val/asr", "val/victim_ba", "val/victim_asr", "train/contrastive"} <= set(header)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    original = load_victim(victim_path).state_dict()
+    assert all(torch.equal(state[f"model.victim.{k}"], v) for k, v in original.items())
+    assert len(state["model.label_permutation.permutation"]) == 10

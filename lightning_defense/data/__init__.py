@@ -1,23 +1,30 @@
 """DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
 
+from lightning_defense.data.auxiliary import AuxiliaryData, DefenseDataModule, ReservedData, SeenData
 from lightning_defense.data.datamodules import (
     BackdoorDataModule,
     CIFAR10DataModule,
     CINIC10DataModule,
     GTSRBDataModule,
     ImageFolderDataModule,
+    InMemoryDataModule,
 )
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
 from lightning_defense.data.embedded_cifar10 import EmbeddedCIFAR10DataModule, load_embedded_cifar10
 from lightning_defense.data.synthetic import SyntheticDataModule, procedural_images
 
 __all__ = [
+    "AuxiliaryData",
+    "DefenseDataModule",
+    "ReservedData",
+    "SeenData",
     "BackdoorDataModule",
     "CIFAR10DataModule",
     "CINIC10DataModule",
     "EmbeddedCIFAR10DataModule",
     "GTSRBDataModule",
     "ImageFolderDataModule",
+    "InMemoryDataModule",
     "ImageTensorDataset",
     "SyntheticDataModule",
     "data_home",

@@ -25,7 +25,45 @@ from lightning_defense.errors import ConfigurationError, InputNotFoundError
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class BackdoorDataModule(LightningDataModule):
+class InMemoryDataModule(LightningDataModule):
+    """Loaders over in-memory sets. Evaluation loaders are ``[clean test, poisoned test]``
+    (see :mod:`lightning_defense.evaluation`); the poisoned one exists only with an attack."""
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _set_test_sets(self, images: Tensor, labels: Tensor, attack: Attack | None, num_classes: int) -> None:
+        self.test_set = ImageTensorDataset(images, labels)
+        self.poisoned_test_set = None
+        if attack is not None:
+            self.poisoned_test_set = ImageTensorDataset(*attack.poison_test_set(images, labels, num_classes))
+
+    def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        sets = [self.test_set] + ([self.poisoned_test_set] if self.poisoned_test_set is not None else [])
+        return [self._loader(s, shuffle=False) for s in sets]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+class BackdoorDataModule(InMemoryDataModule):
     """Base class: subclasses say how to load the raw train and test images.
 
     Args:
@@ -49,9 +87,7 @@ class BackdoorDataModule(LightningDataModule):
         seed: int = 0,
         augment: bool = True,
     ) -> None:
-        super().__init__()
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        super().__init__(batch_size, num_workers)
         self.attack = attack
         self.reserved_fraction = reserved_fraction
         self.seed = seed
@@ -94,12 +130,7 @@ class BackdoorDataModule(LightningDataModule):
         self.train_set = ImageTensorDataset(train_images, train_labels, self.train_transform())
         test_images, test_labels = self.load_test()
         self._check_labels(test_labels, "test")
-        self.test_set = ImageTensorDataset(test_images, test_labels)
-        self.poisoned_test_set = None
-        if self.attack is not None:
-            self.poisoned_test_set = ImageTensorDataset(
-                *self.attack.poison_test_set(test_images, test_labels, self.num_classes)
-            )
+        self._set_test_sets(test_images, test_labels, self.attack, self.num_classes)
         self._prepared = True
 
     def reserved_set(self) -> ImageTensorDataset:
@@ -107,31 +138,8 @@ class BackdoorDataModule(LightningDataModule):
         self.setup()
         return ImageTensorDataset(self.reserved_images, self.reserved_labels)
 
-    def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        sets = [self.test_set] + ([self.poisoned_test_set] if self.poisoned_test_set is not None else [])
-        return [self._loader(s, shuffle=False) for s in sets]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
 
     def data_config(self) -> dict:
         """What a victim file records about its data, so defenses can rebuild the same split."""

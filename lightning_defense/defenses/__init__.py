@@ -1,1 +1,6 @@
 """Defenses: each wraps a frozen victim classifier."""
+
+from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.refine import REFINE
+
+__all__ = ["REFINE", "DefenseModule"]

@@ -1,0 +1,66 @@
+"""What every defense shares: a frozen victim, and BA/ASR of the defended model beside the victim's."""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+
+from lightning import LightningModule
+from torch import Tensor
+
+from lightning_defense.errors import ConfigurationError
+from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.victims import Classifier
+
+# The frozen victim stays in eval mode on purpose (contract 2); Lightning's warning about
+# modules in eval mode at the start of fit would only alarm users.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class DefenseModule(LightningModule):
+    """Base of the defenses' LightningModules.
+
+    Subclasses build their model around a victim from :func:`~lightning_defense.victims.load_victim`,
+    expose it as :attr:`victim` and define ``forward`` as the defended model. Validation and test log
+    ``{val,test}/ba`` and ``/asr`` for the defended model and ``/victim_ba``, ``/victim_asr`` for the
+    undefended victim on the same batches.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.val_metrics = BackdoorMetrics(num_classes, "val")
+        self.test_metrics = BackdoorMetrics(num_classes, "test")
+        self.val_victim_metrics = BackdoorMetrics(num_classes, "val", prefix="victim_")
+        self.test_victim_metrics = BackdoorMetrics(num_classes, "test", prefix="victim_")
+
+    @property
+    @abstractmethod
+    def victim(self) -> Classifier:
+        """The frozen victim classifier."""
+
+    @abstractmethod
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits of the defended model for [0, 1] images."""
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        declared = getattr(datamodule, "num_classes", None)
+        if declared is not None and declared != self.victim.num_classes:
+            raise ConfigurationError(
+                f"Class-count mismatch: the victim has {self.victim.num_classes} classes but "
+                f"{type(datamodule).__name__} has {declared}. Use the victim's data set."
+            )
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
+        images, labels = batch
+        getattr(self, f"{stage}_metrics").update(self, self(images), labels, dataloader_idx)
+        getattr(self, f"{stage}_victim_metrics").update(self, self.victim(images), labels, dataloader_idx)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, dataloader_idx, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[0]).argmax(dim=1)

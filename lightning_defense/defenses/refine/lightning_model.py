@@ -1,0 +1,90 @@
+"""REFINE's training step; the algorithm is in :mod:`.torch_model`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.refine.torch_model import (
+    ClassificationLoss,
+    LabelPermutation,
+    Refine,
+    TransformNet,
+)
+from lightning_defense.victims import Classifier, load_victim
+
+
+class REFINE(DefenseModule):
+    """REFINE around the victim in ``victim`` (a victim file or Lightning checkpoint).
+
+    The auxiliary data's labels are never used: the victim's predictions are the targets.
+    Defaults are the official recipe: SGD lr 0.01, momentum 0.9, weight decay 5e-4,
+    lr x0.8 at epochs 100 and 130 (150 epochs), cross-entropy plus 0.1 x SupCon at tau 0.07.
+
+    Args:
+        victim: path of the frozen victim.
+        encoder_name, encoder_depth, decoder_channels: the UNet T (see :class:`TransformNet`).
+        use_permutation: ``False`` is the "w/o HRF" ablation (M = identity).
+        permutation_seed: draws the derangement M.
+        classification_loss: ``ce`` or ``bce`` (see :class:`Refine`).
+        contrastive_weight: lambda; 0 is the "w/o SCL" ablation.
+        temperature: tau of the supervised contrastive loss.
+    """
+
+    def __init__(
+        self,
+        victim: str,
+        encoder_name: str = "resnet18",
+        encoder_depth: int = 4,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        use_permutation: bool = True,
+        permutation_seed: int = 0,
+        classification_loss: ClassificationLoss = "ce",
+        contrastive_weight: float = 0.1,
+        temperature: float = 0.07,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_milestones: Sequence[int] = (100, 130),
+        lr_gamma: float = 0.8,
+    ) -> None:
+        victim_model = load_victim(victim)
+        super().__init__(victim_model.num_classes)
+        self.save_hyperparameters()
+        self.model = Refine(
+            victim_model,
+            TransformNet(encoder_name, encoder_depth, tuple(decoder_channels)),
+            LabelPermutation(victim_model.num_classes, permutation_seed, enabled=use_permutation),
+            classification_loss=classification_loss,
+            contrastive_weight=contrastive_weight,
+            temperature=temperature,
+        )
+
+    @property
+    def victim(self) -> Classifier:
+        return self.model.victim
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, _ = batch  # auxiliary labels are never used
+        losses = self.model.loss(images)
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
+        return losses["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(
+            self.model.transform_net.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, list(self.hparams.lr_milestones), self.hparams.lr_gamma
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
