@@ -7,6 +7,7 @@ registers every LightningModule and DataModule, so short class names resolve.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from typing import Any
 
@@ -17,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
-from lightning_defense.errors import UserInputError
+from lightning_defense.errors import UntrustedCheckpointError, UserInputError
 
 
 class DefenseCLI(LightningCLI):
@@ -31,6 +32,20 @@ class DefenseCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _load_weights_only(self) -> None:
+        """Contract 3: `--ckpt_path` is read with `weights_only=True`, whatever the config says
+        (Lightning would unpickle a remote checkpoint by default)."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is False:
+            raise UntrustedCheckpointError(
+                "`weights_only: false` would unpickle the checkpoint, which can run arbitrary code; "
+                "lightning-defense only loads weights. Remove the option."
+            )
+        if "weights_only" in config:
+            config["weights_only"] = True
+
+    before_fit = before_validate = before_test = before_predict = _load_weights_only
+
 
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point; returns None so the script exits 0 on success.
@@ -39,6 +54,16 @@ def main(args: list[str] | None = None) -> None:
     """
     try:
         _run(args)
+    except pickle.UnpicklingError:
+        if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
+            raise
+        print(
+            "error: the checkpoint holds pickled Python objects and was refused: unpickling it could run "
+            "arbitrary code (contract 3). Use a checkpoint written by lightning-defense, or re-save the "
+            "weights as a state dict or safetensors file.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except Exception as err:
         cause = _user_error(err)
         if cause is None or os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):

@@ -144,3 +144,29 @@ def test_same_seed_same_victim(tmp_path, monkeypatch):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not torch.equal(weights[0]["network.fc.weight"], weights[2]["network.fc.weight"])
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_ckpt_path_is_never_unpickled(tmp_path):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
+    config = str(tiny_config(tmp_path))
+    result = run([str(BIN / "lightning"), "test", "--config", config, "--ckpt_path", str(evil)], tmp_path)
+    assert result.returncode == 2 and "pickled Python objects" in result.stderr
+    assert "Traceback" not in result.stderr and not marker.exists()
+    # asking Lightning to unpickle (it would for a remote checkpoint by default) is refused as well
+    harmless = tmp_path / "harmless.ckpt"
+    torch.save({"state_dict": {}}, harmless)
+    forced = run(
+        [str(BIN / "lightning"), "test", "--config", config, "--ckpt_path", str(harmless), "--weights_only", "false"],
+        tmp_path,
+    )
+    assert forced.returncode == 2 and "only loads weights" in forced.stderr
