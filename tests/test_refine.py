@@ -139,6 +139,7 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
             "limit_val_batches": 1,
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
+            "callbacks": [{"class_path": "TransformGrid", "init_args": {"num_images": 4}}],
             "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "r"}},
         },
     }
@@ -153,3 +154,17 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
     original = load_victim(victim_path).state_dict()
     assert all(torch.equal(state[f"model.victim.{k}"], v) for k, v in original.items())
     assert len(state["model.label_permutation.permutation"]) == 10
+    assert (run / "transforms" / "epoch_000.png").stat().st_size > 1000
+
+    # the export loads into one module, without Lightning, and predicts as the trained defense
+    from lightning_defense.defenses.refine.deploy import load_defended
+    from lightning_defense.defenses.refine.lightning_model import REFINE
+
+    trained = REFINE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
+    deployed = load_defended(run / "defended.safetensors")
+    images = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(deployed(images), trained(images), atol=1e-5)
+    other = tmp_path / "other.safetensors"
+    save_victim(other, Classifier("resnet20", 10), VictimMetadata("resnet20", 10))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        load_defended(run / "defended.safetensors", victim_path=other)

@@ -1,5 +1,7 @@
 """REFINE: input transformation + label permutation around a frozen victim."""
 
+from lightning_defense.defenses.refine.callbacks import TransformGrid
+from lightning_defense.defenses.refine.deploy import load_defended, save_defended
 from lightning_defense.defenses.refine.lightning_model import REFINE
 from lightning_defense.defenses.refine.torch_model import (
     LabelPermutation,
@@ -9,4 +11,14 @@ from lightning_defense.defenses.refine.torch_model import (
     supervised_contrastive_loss,
 )
 
-__all__ = ["REFINE", "LabelPermutation", "Refine", "TransformNet", "derangement", "supervised_contrastive_loss"]
+__all__ = [
+    "REFINE",
+    "TransformGrid",
+    "load_defended",
+    "save_defended",
+    "LabelPermutation",
+    "Refine",
+    "TransformNet",
+    "derangement",
+    "supervised_contrastive_loss",
+]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
     ClassificationLoss,
     LabelPermutation,
@@ -76,6 +79,22 @@ class REFINE(DefenseModule):
         losses = self.model.loss(images)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
+
+    def export(self, path: str | Path) -> Path:
+        """Write T and M (and a reference to the victim) for :func:`.deploy.load_defended`."""
+        hp = self.hparams
+        transform_config = {
+            "encoder_name": hp.encoder_name,
+            "encoder_depth": hp.encoder_depth,
+            "decoder_channels": list(hp.decoder_channels),
+        }
+        return save_defended(path, self.model, hp.victim, transform_config)
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = self.export(folder / "defended.safetensors")
+            rank_zero_info(f"Defended model written to {path}")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.SGD(

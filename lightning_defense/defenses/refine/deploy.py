@@ -1,0 +1,79 @@
+"""A trained REFINE defense as one weights-only file, and its loader for inference.
+
+    from lightning_defense.defenses.refine.deploy import load_defended
+    model = load_defended("runs/refine/version_0/defended.safetensors")
+    predictions = model(images).argmax(1)      # images: float NCHW in [0, 1]
+
+The file holds T's weights, the permutation M and T's settings; the victim is referenced by
+path and SHA-256 (its weights are the third party's, not ours to copy), and checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine, TransformNet
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.victims import load_victim
+
+FORMAT = "lightning-defense-refine/1"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_defended(path: str | Path, model: Refine, victim_path: str | Path, transform_config: dict) -> Path:
+    """Write T and M of ``model`` with a reference to the victim file, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"transform_net.{k}": v.detach().cpu().contiguous() for k, v in model.transform_net.state_dict().items()}
+    tensors["label_permutation.permutation"] = model.label_permutation.permutation.cpu().contiguous()
+    metadata = {
+        "format": FORMAT,
+        "victim_path": str(victim_path),
+        "victim_sha256": sha256(victim_path),
+        "transform_net": json.dumps(transform_config),
+    }
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+    return path
+
+
+def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Refine:
+    """Load M(F(T(x))) for inference (eval mode). ``victim_path`` overrides the stored reference,
+    e.g. after moving files; the victim must still match the stored SHA-256."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"Defended model {str(path)!r} does not exist.")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if metadata.get("format") != FORMAT:
+        raise ConfigurationError(f"{str(path)!r} is not a REFINE export (format {metadata.get('format')!r}).")
+    victim_path = Path(victim_path or metadata["victim_path"])
+    if not victim_path.is_file():
+        raise InputNotFoundError(
+            f"The victim {str(victim_path)!r} referenced by {str(path)!r} does not exist: pass victim_path=."
+        )
+    if sha256(victim_path) != metadata["victim_sha256"]:
+        raise ConfigurationError(
+            f"{str(victim_path)!r} is not the victim this defense was trained for (SHA-256 differs)."
+        )
+    victim = load_victim(victim_path)
+    permutation = tensors.pop("label_permutation.permutation")
+    transform_net = TransformNet(**json.loads(metadata["transform_net"]))
+    transform_net.load_state_dict({k.removeprefix("transform_net."): v for k, v in tensors.items()})
+    label_permutation = LabelPermutation(len(permutation))
+    label_permutation.permutation.copy_(permutation)
+    return Refine(victim, transform_net, label_permutation).eval()
