@@ -119,14 +119,26 @@ def test_missing_data_root_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((REPO / "configs").glob("**/*.yaml"))
+
+
+def config_command(config: Path) -> list[str]:
+    """Files under configs/refine/ are layers on configs/refine.yaml."""
+    base = ["--config", str(REPO / "configs" / "refine.yaml")] if config.parent.name == "refine" else []
+    return ["fit", *base, "--config", str(config), "--print_config"]
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_shipped_config_parses(config, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lightning"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(config_command(config))
     assert exit_info.value.code in (None, 0)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_defense.")
+    layer = yaml.safe_load(config.read_text())
+    for key, value in (layer.get("model", {}).get("init_args") or {}).items():
+        assert printed["model"]["init_args"][key] == value
 
 
 def test_same_seed_same_victim(tmp_path, monkeypatch):
