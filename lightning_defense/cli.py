@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
+from lightning_defense.callbacks import EpochSummary
 from lightning_defense.errors import UntrustedCheckpointError, UserInputError
 
 
@@ -30,6 +31,8 @@ class DefenseCLI(LightningCLI):
         given = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             callbacks = [*callbacks, RichProgressBar()]
+        if not sys.stdout.isatty() and not any(isinstance(c, EpochSummary) for c in given):
+            callbacks = [*callbacks, EpochSummary()]  # a log file gets a line per epoch instead
         return super()._instantiate_trainer(config, callbacks)
 
     def _load_weights_only(self) -> None:

@@ -75,6 +75,7 @@ def test_console_script_fit_then_test_and_the_checkpoint_is_a_frozen_victim(tmp_
     test = run([str(BIN / "lightning"), "test", "--config", str(config), "--ckpt_path", str(last)], tmp_path)
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/ba" in test.stdout and "test/asr" in test.stdout
+    assert "epoch 0/0" in fit.stderr and "val/asr" in fit.stderr  # progress lines when not on a terminal
 
 
 @pytest.mark.parametrize(
