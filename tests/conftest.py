@@ -26,3 +26,13 @@ def write_image_folder(
 @pytest.fixture
 def image_folder_writer():
     return write_image_folder
+
+
+class RunsCode:
+    """Pickles into a call that creates ``marker``: a checkpoint that runs code when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import RunsCode
 
 from lightning_defense.cli import main
 from lightning_defense.victims import load_victim, read_victim_metadata
@@ -159,18 +160,10 @@ def test_same_seed_same_victim(tmp_path, monkeypatch):
     assert not torch.equal(weights[0]["network.fc.weight"], weights[2]["network.fc.weight"])
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_ckpt_path_is_never_unpickled(tmp_path):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, evil)
     config = str(tiny_config(tmp_path))
     result = run([str(BIN / "lightning"), "test", "--config", config, "--ckpt_path", str(evil)], tmp_path)
     assert result.returncode == 2 and "pickled Python objects" in result.stderr

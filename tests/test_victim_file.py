@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RunsCode
 
 from lightning_defense.attacks import BadNets, attack_from_config
 from lightning_defense.victims import (
@@ -46,18 +47,10 @@ def test_classifier_takes_pixels_and_owns_normalization():
     assert torch.allclose(classifier(images), classifier.network((images - 0.5) / 0.25))
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, path)
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, path)
     with pytest.raises(UntrustedCheckpointError, match="pickled Python objects"):
         load_victim(path, arch="resnet20", num_classes=10)
     assert not marker.exists()

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
 
@@ -96,16 +97,8 @@ class VictimTrainer(LightningModule):
         return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(
-            self.parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, list(self.hparams.lr_milestones), self.hparams.lr_gamma
-        )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        hp = self.hparams
+        return sgd_multistep(self.parameters(), hp.lr, hp.momentum, hp.weight_decay, hp.lr_milestones, hp.lr_gamma)
 
     def victim_metadata(self) -> VictimMetadata:
         hp = self.hparams

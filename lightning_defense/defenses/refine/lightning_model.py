@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -18,6 +17,7 @@ from lightning_defense.defenses.refine.torch_model import (
     Refine,
     TransformNet,
 )
+from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims import Classifier, load_victim
 
 
@@ -97,13 +97,7 @@ class REFINE(DefenseModule):
             rank_zero_info(f"Defended model written to {path}")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(
-            self.model.transform_net.parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
+        hp = self.hparams
+        return sgd_multistep(
+            self.model.transform_net.parameters(), hp.lr, hp.momentum, hp.weight_decay, hp.lr_milestones, hp.lr_gamma
         )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, list(self.hparams.lr_milestones), self.hparams.lr_gamma
-        )
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
