@@ -168,3 +168,55 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
     save_victim(other, Classifier("resnet20", 10), VictimMetadata("resnet20", 10))
     with pytest.raises(ValueError, match="SHA-256 differs"):
         load_defended(run / "defended.safetensors", victim_path=other)
+
+
+def test_black_box_mode_distils_a_surrogate_then_trains_t_against_it(tmp_path):
+    from lightning import Callback, Trainer
+
+    from lightning_defense.attacks import BadNets
+    from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
+    from lightning_defense.defenses.refine import BlackBoxREFINE
+    from lightning_defense.victims import VictimMetadata, save_victim
+
+    torch.manual_seed(0)
+    victim_path = tmp_path / "victim.safetensors"
+    save_victim(victim_path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
+    module = BlackBoxREFINE(
+        str(victim_path), distill_epochs=1, encoder_depth=3, decoder_channels=(16, 8, 4), surrogate_arch="resnet20"
+    )
+    snapshots = []
+
+    class Snapshot(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots.append(
+                {
+                    "surrogate": [p.clone() for p in pl_module.surrogate.parameters()],
+                    "t": [p.clone() for p in pl_module.model.transform_net.parameters()],
+                }
+            )
+
+    start_t = [p.clone() for p in module.model.transform_net.parameters()]
+    start_surrogate = [p.clone() for p in module.surrogate.parameters()]
+    data = DefenseDataModule(
+        SyntheticDataModule(train_per_class=4, test_per_class=2, reserved_fraction=0.0), SeenData(), batch_size=8
+    )
+    data.attack = BadNets()
+    trainer = Trainer(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Snapshot()],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, data)
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    first, second = snapshots
+    assert not same(first["surrogate"], start_surrogate) and same(first["t"], start_t)  # distillation
+    assert same(second["surrogate"], first["surrogate"]) and not same(second["t"], first["t"])  # T's phase
+    assert "val/ba" in trainer.callback_metrics and "val/victim_ba" in trainer.callback_metrics

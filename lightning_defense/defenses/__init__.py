@@ -1,6 +1,6 @@
 """Defenses: each wraps a frozen victim classifier."""
 
 from lightning_defense.defenses.base import DefenseModule
-from lightning_defense.defenses.refine import REFINE
+from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
 
-__all__ = ["REFINE", "DefenseModule"]
+__all__ = ["REFINE", "BlackBoxREFINE", "DefenseModule"]

@@ -2,17 +2,19 @@
 
 from lightning_defense.defenses.refine.callbacks import TransformGrid
 from lightning_defense.defenses.refine.deploy import load_defended, save_defended
-from lightning_defense.defenses.refine.lightning_model import REFINE
+from lightning_defense.defenses.refine.lightning_model import REFINE, BlackBoxREFINE
 from lightning_defense.defenses.refine.torch_model import (
     LabelPermutation,
     Refine,
     TransformNet,
     derangement,
+    distillation_loss,
     supervised_contrastive_loss,
 )
 
 __all__ = [
     "REFINE",
+    "BlackBoxREFINE",
     "TransformGrid",
     "load_defended",
     "save_defended",
@@ -20,5 +22,6 @@ __all__ = [
     "Refine",
     "TransformNet",
     "derangement",
+    "distillation_loss",
     "supervised_contrastive_loss",
 ]

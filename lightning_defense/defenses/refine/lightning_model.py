@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -16,6 +17,7 @@ from lightning_defense.defenses.refine.torch_model import (
     LabelPermutation,
     Refine,
     TransformNet,
+    distillation_loss,
 )
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims import Classifier, load_victim
@@ -101,3 +103,71 @@ class REFINE(DefenseModule):
         return sgd_multistep(
             self.model.transform_net.parameters(), hp.lr, hp.momentum, hp.weight_decay, hp.lr_milestones, hp.lr_gamma
         )
+
+
+class BlackBoxREFINE(REFINE):
+    """REFINE against a victim that only answers probabilities (paper, appendix E).
+
+    For the first ``distill_epochs`` epochs a surrogate classifier learns to match the victim's
+    softmax outputs on the auxiliary data (MSE); afterwards the surrogate is frozen and T is
+    trained against it with REFINE's loss. The victim is only ever asked for probabilities,
+    without gradients; BA and ASR are measured on the victim itself, M(F(T(x))). The phase
+    follows from the epoch, so a resumed run continues in the right one. Under DDP the idle
+    part of each phase has unused parameters: use ``strategy: ddp_find_unused_parameters_true``.
+
+    Args:
+        surrogate_arch: architecture of the surrogate (any name of ``ARCHITECTURES``).
+        distill_epochs: epochs of distillation before T is trained.
+        surrogate_lr: SGD learning rate of the surrogate during distillation.
+    """
+
+    def __init__(
+        self,
+        victim: str,
+        surrogate_arch: str = "resnet20",
+        distill_epochs: int = 20,
+        surrogate_lr: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(victim, **kwargs)
+        self.save_hyperparameters()
+        victim_model = self.model.victim
+        self.surrogate = Classifier(
+            surrogate_arch,
+            victim_model.num_classes,
+            victim_model.mean.flatten().tolist(),
+            victim_model.std.flatten().tolist(),
+        )
+
+    @property
+    def distilling(self) -> bool:
+        return self.current_epoch < self.hparams.distill_epochs
+
+    @torch.no_grad()
+    def victim_probabilities(self, images: Tensor) -> Tensor:
+        """All the black-box victim reveals."""
+        return self.victim(images).float().softmax(dim=1)
+
+    def on_train_epoch_start(self) -> None:
+        self.surrogate.train(self.distilling)
+        self.surrogate.requires_grad_(self.distilling)
+        self.model.transform_net.requires_grad_(not self.distilling)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, _ = batch
+        probabilities = self.victim_probabilities(images)
+        if self.distilling:
+            loss = distillation_loss(self.surrogate(images), probabilities)
+            self.log("train/distillation", loss, prog_bar=True)
+            return loss
+        losses = self.model.loss(images, probabilities.argmax(dim=1), classifier=self.surrogate)
+        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
+        return losses["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        recipe = super().configure_optimizers()
+        # params without a gradient in a phase are skipped by SGD, so one optimizer serves both
+        recipe["optimizer"].add_param_group(
+            {"params": list(self.surrogate.parameters()), "lr": self.hparams.surrogate_lr}
+        )
+        return recipe

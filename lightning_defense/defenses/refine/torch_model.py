@@ -163,12 +163,18 @@ class Refine(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.label_permutation(self.victim(self.transform_net(images)))
 
-    def loss(self, images: Tensor, pseudo_labels: Tensor | None = None) -> dict[str, Tensor]:
-        """REFINE's loss on a batch; returns the total and its parts."""
+    def loss(
+        self, images: Tensor, pseudo_labels: Tensor | None = None, classifier: nn.Module | None = None
+    ) -> dict[str, Tensor]:
+        """REFINE's loss on a batch; returns the total and its parts.
+
+        ``classifier`` stands in for the victim in the loss (black-box mode trains T against a
+        surrogate, since a black-box victim gives no gradients).
+        """
         if pseudo_labels is None:
             pseudo_labels = self.pseudo_labels(images)
         transformed = self.transform_net(images)
-        logits = self.label_permutation(self.victim(transformed)).float()
+        logits = self.label_permutation((classifier or self.victim)(transformed)).float()
         if self.classification_loss == "ce":
             classification = F.cross_entropy(logits, pseudo_labels)
         else:
@@ -180,3 +186,9 @@ class Refine(nn.Module):
             parts["contrastive"] = supervised_contrastive_loss(transformed, pseudo_labels, self.temperature)
             total = total + self.contrastive_weight * parts["contrastive"]
         return {"loss": total, **parts}
+
+
+def distillation_loss(surrogate_logits: Tensor, victim_probabilities: Tensor) -> Tensor:
+    """REFINE's black-box mode (paper, appendix E): mean squared error between the surrogate's
+    and the victim's softmax outputs."""
+    return F.mse_loss(surrogate_logits.float().softmax(dim=1), victim_probabilities.float())
