@@ -1,8 +1,19 @@
 """lightning-defense: defending image classifiers against backdoors, on PyTorch Lightning."""
 
-from lightning_defense import attacks, data, defenses, victims
+from lightning_defense import attacks, callbacks, data, defenses, victims
+from lightning_defense.callbacks import EpochSummary, PredictionWriter
 from lightning_defense.defenses import REFINE
 from lightning_defense.victims.lightning_model import VictimTrainer
 
 __version__ = "0.1.0"
-__all__ = ["REFINE", "VictimTrainer", "attacks", "data", "defenses", "victims"]
+__all__ = [
+    "REFINE",
+    "EpochSummary",
+    "PredictionWriter",
+    "VictimTrainer",
+    "callbacks",
+    "attacks",
+    "data",
+    "defenses",
+    "victims",
+]

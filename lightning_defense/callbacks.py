@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -21,3 +26,34 @@ class EpochSummary(Callback):
         metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
         elapsed = time.monotonic() - getattr(self, "start", time.monotonic())
         rank_zero_info(f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} [{elapsed / 60:.1f} min]: {metrics}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``lightning predict`` results to ``predictions.csv`` in the run folder: the index of
+    each image in the predict set and the predicted class. Under DDP each process writes
+    ``predictions_rank<N>.csv`` with its own share (indices say which images)."""
+
+    def __init__(self, filename: str = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        self.filename = filename
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
+        # Lightning nests these per predict loader (predictions only when there are several)
+        if predictions and isinstance(predictions[0], list):
+            predictions = predictions[0]
+        if batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list):
+            batch_indices = batch_indices[0]
+        name = self.filename
+        if trainer.world_size > 1:
+            name = name.replace(".csv", f"_rank{trainer.global_rank}.csv")
+        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pairs = zip(predictions, batch_indices)
+        rows = sorted((int(i), int(p)) for batch, indices in pairs for i, p in zip(indices, batch.tolist()))
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "prediction"])
+            writer.writerows(rows)
+        rank_zero_info(f"Predictions written to {path}")

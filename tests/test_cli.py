@@ -46,6 +46,14 @@ def tiny_config(tmp_path: Path, **data_overrides) -> Path:
     return path
 
 
+def _synthetic_test_set():
+    from lightning_defense.data import SyntheticDataModule
+
+    dm = SyntheticDataModule(train_per_class=8, test_per_class=4, reserved_fraction=0.1)
+    dm.setup()
+    return dm.test_set
+
+
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"OMP_NUM_THREADS": "1", "LIGHTNING_DEFENSE_TRACEBACK": ""}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -77,6 +85,27 @@ def test_console_script_fit_then_test_and_the_checkpoint_is_a_frozen_victim(tmp_
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/ba" in test.stdout and "test/asr" in test.stdout
     assert "epoch 0/0" in fit.stderr and "val/asr" in fit.stderr  # progress lines when not on a terminal
+
+    predict = run(
+        [
+            str(BIN / "lightning"),
+            "predict",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(last),
+            "--trainer.callbacks+=PredictionWriter",
+        ],
+        tmp_path,
+    )
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    (written,) = (tmp_path / "runs").rglob("predictions.csv")
+    rows = written.read_text().splitlines()
+    assert rows[0] == "index,prediction" and len(rows) == 1 + 40  # the 40 clean test images
+    victim = load_victim(last)
+    test_images = torch.stack([image for image, _ in _synthetic_test_set()])
+    expected = victim(test_images).argmax(1).tolist()
+    assert [int(r.split(",")[1]) for r in rows[1:]] == expected
 
 
 @pytest.mark.parametrize(
