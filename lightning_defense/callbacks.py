@@ -13,6 +13,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 
+def run_folder(trainer: Trainer) -> Path:
+    """The run's folder (the logger's version folder). Under DDP ``trainer.log_dir`` broadcasts
+    from rank 0, so every rank must call this, before any ``is_global_zero`` branch."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 class EpochSummary(Callback):
     """One line per validation with every logged metric and the elapsed time, for runs whose
     output goes to a file, where a live progress bar shows nothing until the end."""
@@ -48,7 +54,7 @@ class PredictionWriter(BasePredictionWriter):
         name = self.filename
         if trainer.world_size > 1:
             name = name.replace(".csv", f"_rank{trainer.global_rank}.csv")
-        path = Path(trainer.log_dir or trainer.default_root_dir) / name
+        path = run_folder(trainer) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         pairs = zip(predictions, batch_indices)
         rows = sorted((int(i), int(p)) for batch, indices in pairs for i, p in zip(indices, batch.tolist()))

@@ -205,3 +205,14 @@ def test_ckpt_path_is_never_unpickled(tmp_path):
         tmp_path,
     )
     assert forced.returncode == 2 and "only loads weights" in forced.stderr
+
+
+def test_victim_training_under_ddp_writes_the_victim_once(tmp_path):
+    """Two gloo processes on CPU; files are written by rank 0 after collective calls on all ranks."""
+    config = str(tiny_config(tmp_path))
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    result = run([str(BIN / "lightning"), "fit", "--config", config, *ddp], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("Victim written to") == 1
+    victim = load_victim(tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors")
+    assert victim.frozen

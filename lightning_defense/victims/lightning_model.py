@@ -13,6 +13,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.evaluation import BackdoorMetrics
 from lightning_defense.optim import sgd_multistep
@@ -119,9 +120,9 @@ class VictimTrainer(LightningModule):
         return save_victim(path, self.classifier, self.victim_metadata())
 
     def on_train_end(self) -> None:
+        folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP
         if not self.trainer.is_global_zero:
             return
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         path = self.export_victim(folder / self.hparams.export_name)
         metrics = self.trainer.callback_metrics
         summary = ", ".join(

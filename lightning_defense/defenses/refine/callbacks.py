@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning import Callback, LightningModule, Trainer  # noqa: E402
+
+from lightning_defense.callbacks import run_folder  # noqa: E402
 
 
 class TransformGrid(Callback):
@@ -26,7 +26,10 @@ class TransformGrid(Callback):
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        folder = run_folder(trainer) / "transforms"  # on every rank: it is a collective under DDP
+        if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
         sets = [("clean", datamodule.test_set), ("poisoned", datamodule.poisoned_test_set)]
@@ -50,7 +53,6 @@ class TransformGrid(Callback):
                 ax.set_yticks([])
             row[0].set_ylabel(name, fontsize=8)
         figure.suptitle(f"epoch {trainer.current_epoch}", fontsize=9)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "transforms"
         folder.mkdir(parents=True, exist_ok=True)
         figure.savefig(folder / f"epoch_{trainer.current_epoch:03d}.png", dpi=100, bbox_inches="tight")
         plt.close(figure)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_defense.callbacks import run_folder
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
@@ -93,8 +94,8 @@ class REFINE(DefenseModule):
         return save_defended(path, self.model, hp.victim, transform_config)
 
     def on_train_end(self) -> None:
+        folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP
         if self.trainer.is_global_zero:
-            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             path = self.export(folder / "defended.safetensors")
             rank_zero_info(f"Defended model written to {path}")
 
