@@ -23,10 +23,9 @@ def wall_time(log: str) -> str:
 
 def row(log_path: Path) -> dict[str, str]:
     log = log_path.read_text(errors="replace")
-    match = re.search(r"Victim written to (\S+)/victim\.safetensors", log)
-    if match is None:
+    if "Victim written to" not in log:
         raise SystemExit(f"{log_path}: no finished run in this log")
-    run = Path(match.group(1))
+    run = run_folder(log_path)
     config = yaml.safe_load((run / "config.yaml").read_text())
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/ba")]
     last = rows[-1]
@@ -42,10 +41,44 @@ def row(log_path: Path) -> dict[str, str]:
     }
 
 
+def run_folder(log_path: Path) -> Path:
+    match = re.search(r"Victim written to (\S+)/victim\.safetensors", log_path.read_text(errors="replace"))
+    return Path(match.group(1))
+
+
+def plot(logs: list[Path], out: Path) -> None:
+    """BA and ASR per epoch, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (ba_axis, asr_axis) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for log in logs:
+        run = run_folder(log)
+        rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/ba")]
+        epochs = [int(r["epoch"]) + 1 for r in rows]
+        label = row(log)["attack"]
+        ba_axis.plot(epochs, [100 * float(r["val/ba"]) for r in rows], marker=".", label=label)
+        asr_axis.plot(epochs, [100 * float(r["val/asr"]) for r in rows], marker=".", label=label)
+    for axis, name in ((ba_axis, "BA %"), (asr_axis, "ASR %")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(name)
+        axis.set_ylim(0, 100)
+        axis.grid(alpha=0.3)
+    asr_axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", type=Path)
-    rows = [row(p) for p in parser.parse_args().logs]
+    parser.add_argument("--plot", type=Path, help="also save BA/ASR per epoch as this PNG")
+    args = parser.parse_args()
+    if args.plot:
+        plot(args.logs, args.plot)
+    rows = [row(p) for p in args.logs]
     header = list(rows[0])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
