@@ -17,3 +17,16 @@ class InputNotFoundError(UserInputError, FileNotFoundError):
 
 class UntrustedCheckpointError(UserInputError, ValueError):
     """A checkpoint that is not a plain weights file, or is damaged (contract 3)."""
+
+
+def check_class_count(datamodule: object, num_classes: int, owner: str, fix: str) -> None:
+    """Fail before training when the model's and the data's class counts differ.
+
+    ``fix`` may name ``{declared}``, the data's class count.
+    """
+    declared = getattr(datamodule, "num_classes", None)
+    if declared is not None and declared != num_classes:
+        raise ConfigurationError(
+            f"Class-count mismatch: {owner} has {num_classes} classes but {type(datamodule).__name__} "
+            f"has {declared}. {fix.format(declared=declared)}"
+        )

@@ -8,7 +8,7 @@ from abc import abstractmethod
 from lightning import LightningModule
 from torch import Tensor
 
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics
 from lightning_defense.victims import Classifier
 
@@ -43,13 +43,7 @@ class DefenseModule(LightningModule):
         """Logits of the defended model for [0, 1] images."""
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        declared = getattr(datamodule, "num_classes", None)
-        if declared is not None and declared != self.victim.num_classes:
-            raise ConfigurationError(
-                f"Class-count mismatch: the victim has {self.victim.num_classes} classes but "
-                f"{type(datamodule).__name__} has {declared}. Use the victim's data set."
-            )
+        check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
         images, labels = batch

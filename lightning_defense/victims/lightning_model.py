@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -69,12 +69,9 @@ class VictimTrainer(LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
-        declared = getattr(datamodule, "num_classes", None)
-        if declared is not None and declared != self.hparams.num_classes:
-            raise ConfigurationError(
-                f"Class-count mismatch: model.num_classes is {self.hparams.num_classes} but "
-                f"{type(datamodule).__name__} has {declared} classes. Set model.init_args.num_classes: {declared}."
-            )
+        check_class_count(
+            datamodule, self.hparams.num_classes, "the model", "Set model.init_args.num_classes: {declared}."
+        )
         attack = getattr(datamodule, "attack", None)
         self.attack_config = attack.config() if attack is not None else None
         if hasattr(datamodule, "data_config"):

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
+from lightning_defense.safetensors_io import read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
 FORMAT = "lightning-defense-victim/1"
@@ -48,13 +47,7 @@ class VictimMetadata:
 
 def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetadata) -> Path:
     """Write ``classifier``'s weights and ``metadata`` as one safetensors file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata.to_strings())
-    partial.replace(path)  # a crash mid-write leaves any earlier file intact
-    return path
+    return write_safetensors(path, classifier.state_dict(), metadata.to_strings())
 
 
 def _missing(path: Path) -> InputNotFoundError:
@@ -88,15 +81,7 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
     if not path.is_file():
         raise _missing(path)
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                strings = handle.metadata() or {}
-                weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError) as err:
-            raise UntrustedCheckpointError(
-                f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated. "
-                "Re-copy or re-export it."
-            ) from err
+        weights, strings = read_safetensors(path)
         metadata = VictimMetadata.from_strings(strings) if strings.get("format") == FORMAT else None
         return weights, metadata
     obj = _torch_load(path)

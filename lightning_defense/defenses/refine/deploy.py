@@ -14,11 +14,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.safetensors_io import read_safetensors, write_safetensors
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"
@@ -34,20 +32,15 @@ def sha256(path: str | Path) -> str:
 
 def save_defended(path: str | Path, model: Refine, victim_path: str | Path, transform_config: dict) -> Path:
     """Write T and M of ``model`` with a reference to the victim file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"transform_net.{k}": v.detach().cpu().contiguous() for k, v in model.transform_net.state_dict().items()}
-    tensors["label_permutation.permutation"] = model.label_permutation.permutation.cpu().contiguous()
+    tensors = {f"transform_net.{k}": v for k, v in model.transform_net.state_dict().items()}
+    tensors["label_permutation.permutation"] = model.label_permutation.permutation
     metadata = {
         "format": FORMAT,
         "victim_path": str(victim_path),
         "victim_sha256": sha256(victim_path),
         "transform_net": json.dumps(transform_config),
     }
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Refine:
@@ -56,9 +49,7 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
     path = Path(path)
     if not path.is_file():
         raise InputNotFoundError(f"Defended model {str(path)!r} does not exist.")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ConfigurationError(f"{str(path)!r} is not a REFINE export (format {metadata.get('format')!r}).")
     victim_path = Path(victim_path or metadata["victim_path"])
