@@ -11,30 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine_info import machine
 
 from lightning_defense.defenses.refine import LabelPermutation, Refine, TransformNet
 from lightning_defense.victims import load_victim
-
-
-def machine() -> dict[str, str | int]:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").is_file():
-        names = [
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    info: dict[str, str | int] = {"cpu": cpu, "cores": os.cpu_count() or 0, "threads": torch.get_num_threads()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -96,7 +80,6 @@ def main() -> None:
     defended = timed(infer(model), args.steps, device)
     result = {
         "machine": machine(),
-        "torch": torch.__version__,
         "device": str(device),
         "settings": vars(args) | {"out": str(args.out) if args.out else None},
         "transform_net_parameters": sum(p.numel() for p in transform_net.parameters()),

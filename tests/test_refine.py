@@ -73,6 +73,37 @@ def test_transform_net_keeps_size_and_range_and_every_parameter_learns(depth, ch
     assert all(p.grad is not None for p in net.parameters())  # DDP needs every parameter used
 
 
+@pytest.mark.parametrize("output_activation", ["sigmoid", "clamp"])
+def test_residual_transform_starts_at_the_identity_and_learns(output_activation):
+    net = TransformNet("resnet18", 3, (16, 8, 4), output_activation=output_activation, residual=True)
+    images = torch.rand(4, 3, 32, 32).clamp(0.01, 0.99)  # the sigmoid's logit round trip is exact inside
+    out = net(images)
+    assert torch.allclose(out, images, atol=1e-5)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.unet.segmentation_head[0].weight.grad.abs().sum() > 0  # the zero-initialized head learns first
+
+
+def test_clamped_transform_stays_in_range_and_passes_no_gradient_outside_it():
+    net = TransformNet("resnet18", 3, (16, 8, 4), output_activation="clamp")
+    with torch.no_grad():
+        net.unet.segmentation_head[0].bias.fill_(5.0)  # push every pixel above 1
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = net(images)
+    assert torch.equal(out, torch.ones_like(out))
+    out.sum().backward()
+    assert images.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("classification_loss", ["ce", "bce"])
+def test_both_loss_forms_run_under_bf16_autocast(classification_loss):
+    # autocast refuses binary_cross_entropy outright; the bce form must leave autocast for it
+    refine = make_refine(classification_loss=classification_loss)
+    with torch.autocast("cpu", torch.bfloat16):
+        losses = refine.loss(torch.rand(8, 3, 32, 32))
+    assert torch.isfinite(losses["loss"]) and losses["classification"].dtype == torch.float32
+
+
 def make_refine(**kwargs) -> Refine:
     torch.manual_seed(0)
     return Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10), **kwargs)

@@ -16,6 +16,7 @@ from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
     ClassificationLoss,
     LabelPermutation,
+    OutputActivation,
     Refine,
     TransformNet,
     distillation_loss,
@@ -33,7 +34,8 @@ class REFINE(DefenseModule):
 
     Args:
         victim: path of the frozen victim.
-        encoder_name, encoder_depth, decoder_channels: the UNet T (see :class:`TransformNet`).
+        encoder_name, encoder_depth, decoder_channels, output_activation, residual: the UNet T
+            (see :class:`TransformNet`).
         use_permutation: ``False`` is the "w/o HRF" ablation (M = identity).
         permutation_seed: draws the derangement M.
         classification_loss: ``ce`` or ``bce`` (see :class:`Refine`).
@@ -47,6 +49,8 @@ class REFINE(DefenseModule):
         encoder_name: str = "resnet18",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        output_activation: OutputActivation = "sigmoid",
+        residual: bool = False,
         use_permutation: bool = True,
         permutation_seed: int = 0,
         classification_loss: ClassificationLoss = "ce",
@@ -63,7 +67,7 @@ class REFINE(DefenseModule):
         self.save_hyperparameters()
         self.model = Refine(
             victim_model,
-            TransformNet(encoder_name, encoder_depth, tuple(decoder_channels)),
+            TransformNet(**self.transform_config()),
             LabelPermutation(victim_model.num_classes, permutation_seed, enabled=use_permutation),
             classification_loss=classification_loss,
             contrastive_weight=contrastive_weight,
@@ -83,15 +87,20 @@ class REFINE(DefenseModule):
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
 
-    def export(self, path: str | Path) -> Path:
-        """Write T and M (and a reference to the victim) for :func:`.deploy.load_defended`."""
+    def transform_config(self) -> dict[str, Any]:
+        """T's settings: what :class:`TransformNet` needs to be rebuilt from an export."""
         hp = self.hparams
-        transform_config = {
+        return {
             "encoder_name": hp.encoder_name,
             "encoder_depth": hp.encoder_depth,
             "decoder_channels": list(hp.decoder_channels),
+            "output_activation": hp.output_activation,
+            "residual": hp.residual,
         }
-        return save_defended(path, self.model, hp.victim, transform_config)
+
+    def export(self, path: str | Path) -> Path:
+        """Write T and M (and a reference to the victim) for :func:`.deploy.load_defended`."""
+        return save_defended(path, self.model, self.hparams.victim, self.transform_config())
 
     def on_train_end(self) -> None:
         folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP

@@ -22,6 +22,7 @@ from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims.classifier import Classifier
 
 ClassificationLoss = Literal["ce", "bce"]
+OutputActivation = Literal["sigmoid", "clamp"]
 
 
 def derangement(num_classes: int, seed: int) -> Tensor:
@@ -54,14 +55,17 @@ class LabelPermutation(nn.Module):
 class TransformNet(nn.Module):
     """T: a UNet from segmentation-models-pytorch, image in [0, 1] to image in [0, 1].
 
-    The output goes through a sigmoid rather than the official code's clamp, so pixels that
-    leave [0, 1] still get gradients. Encoder stages deeper than ``encoder_depth`` are removed:
-    smp keeps them, their parameters get no gradient, and DDP fails on unused parameters.
+    Encoder stages deeper than ``encoder_depth`` are removed: smp keeps them, their parameters get
+    no gradient, and DDP fails on unused parameters.
 
     Args:
         encoder_name: any smp encoder (``resnet18``, ``resnet34``, ``vgg11_bn``...).
         encoder_depth: number of down-sampling stages (3 to 5); 32x32 images allow 5.
         decoder_channels: one width per stage, deepest first.
+        output_activation: ``sigmoid`` keeps gradients for pixels pushed outside [0, 1];
+            ``clamp`` is the official code's choice and zeroes them.
+        residual: the UNet predicts a change to the input (in logit space for ``sigmoid``), so
+            an untrained T starts at the identity instead of a random image.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class TransformNet(nn.Module):
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
         in_channels: int = 3,
+        output_activation: OutputActivation = "sigmoid",
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != encoder_depth:
@@ -77,6 +83,10 @@ class TransformNet(nn.Module):
                 f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "
                 f"{encoder_depth}: give one decoder width per encoder stage."
             )
+        if output_activation not in ("sigmoid", "clamp"):
+            raise ConfigurationError(f"output_activation must be 'sigmoid' or 'clamp', got {output_activation!r}.")
+        self.output_activation = output_activation
+        self.residual = residual
         self.unet = smp.Unet(
             encoder_name=encoder_name,
             encoder_weights=None,  # nothing can be downloaded; T learns from scratch
@@ -86,6 +96,9 @@ class TransformNet(nn.Module):
             classes=in_channels,
         )
         self._remove_unused_stages()
+        if residual:  # a zero change: T is exactly the identity before training
+            for parameter in self.unet.segmentation_head.parameters():
+                nn.init.zeros_(parameter)
 
     def _remove_unused_stages(self) -> None:
         """Replace encoder stages that a forward pass never reaches (found by one probe)."""
@@ -100,7 +113,12 @@ class TransformNet(nn.Module):
         self.unet.train(True)
 
     def forward(self, images: Tensor) -> Tensor:
-        return torch.sigmoid(self.unet(images))
+        output = self.unet(images)
+        if self.output_activation == "clamp":
+            return (images + output if self.residual else output).clamp(0, 1)
+        if self.residual:
+            output = output + torch.logit(images.to(output.dtype), eps=1e-3)
+        return torch.sigmoid(output)
 
 
 def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
@@ -179,7 +197,9 @@ class Refine(nn.Module):
             classification = F.cross_entropy(logits, pseudo_labels)
         else:
             target = F.one_hot(pseudo_labels, logits.shape[1]).float()
-            classification = F.binary_cross_entropy(logits.softmax(dim=1), target)
+            # autocast refuses binary_cross_entropy (unsafe in half precision): run it in float32
+            with torch.autocast(logits.device.type, enabled=False):
+                classification = F.binary_cross_entropy(logits.softmax(dim=1), target)
         parts = {"classification": classification}
         total = classification
         if self.contrastive_weight > 0:

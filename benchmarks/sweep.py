@@ -1,0 +1,174 @@
+"""Run several `lightning fit` variants of one config side by side and tabulate them.
+
+A variants file (YAML) maps a row name to the command-line arguments that make the variant,
+on top of the base config(s):
+
+    base: [configs/refine.yaml]
+    variants:
+      default: []
+      no_supcon: [--config, configs/refine/no_supcon.yaml]
+      bce: [--model.init_args.classification_loss, bce]
+
+    python benchmarks/sweep.py benchmarks/sweeps/refine_embedded.yaml --jobs 2 --out benchmarks/results/sweep
+
+Every run writes its Lightning folder under ``<out>/runs/<name>/`` and its output to
+``<out>/logs/<name>.log``. At the end ``<out>/summary.json`` holds, per row, the exact command,
+the wall time, the last validation metrics and the per-epoch ``val/ba``/``val/asr``; the table
+is printed as Markdown (also written to ``summary.md``) and ``ba_asr.png`` plots the curves.
+Rows already finished (a ``metrics.csv`` with all epochs and a recorded wall time) are not
+run again, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from machine_info import machine
+
+
+def flatten(args: list) -> list[str]:
+    """A row's arguments; nested lists (YAML anchors shared between rows) are spliced in."""
+    return [str(b) for a in args for b in (flatten(a) if isinstance(a, list) else [a])]
+
+
+def command(base: list[str], extra: list[str], out: Path, name: str) -> list[str]:
+    configs = [arg for config in base for arg in ("--config", config)]
+    logger = ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
+    return ["lightning", "fit", *configs, *extra, *logger]
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    files = sorted(folder.glob("version_*/metrics.csv"))
+    if not files:
+        return []
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(name: str, cmd: list[str], out: Path) -> dict:
+    rows = read_metrics(out / "runs" / name)
+    curves: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+    for row in rows:
+        if row.get("val/ba"):
+            for key, value in row.items():
+                if key.startswith("val/") and value:
+                    curves.setdefault(key, []).append(float(value))
+                    last[key] = float(value)
+    timing = out / "logs" / f"{name}.time"
+    wall = float(timing.read_text()) if timing.is_file() else None
+    return {
+        "name": name,
+        "command": shlex.join(cmd),
+        "wall_s": wall,
+        "epochs": len(curves.get("val/ba", [])),
+        "last": last,
+        "curves": curves,
+    }
+
+
+def run(name: str, cmd: list[str], out: Path, env: dict[str, str]) -> None:
+    timing = out / "logs" / f"{name}.time"
+    if timing.is_file():
+        print(f"[sweep] {name}: done before, skipped", flush=True)
+        return
+    print(f"[sweep] {name}: {shlex.join(cmd)}", flush=True)
+    start = time.monotonic()
+    # the same program as `lightning`, without relying on the console script being installed
+    argv = [sys.executable, "-m", "lightning_defense", *cmd[1:]]
+    with (out / "logs" / f"{name}.log").open("w") as log:
+        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.monotonic() - start
+    if code == 0:
+        timing.write_text(f"{wall:.1f}")
+    print(f"[sweep] {name}: exit {code} after {wall / 60:.1f} min", flush=True)
+
+
+def table(results: list[dict]) -> str:
+    keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr"]
+    lines = [
+        "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (epoch) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        values = [f"{100 * r['last'][k]:.2f}" if k in r["last"] else "–" for k in keys]
+        ba = r["curves"].get("val/ba", [])
+        best = f"{100 * max(ba):.2f} ({ba.index(max(ba))})" if ba else "–"
+        wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "–"
+        lines.append(f"| {r['name']} | {r['epochs']} | {wall} | {' | '.join(values)} | {best} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        for ax, key in ((left, "val/ba"), (right, "val/asr")):
+            values = r["curves"].get(key, [])
+            ax.plot(range(len(values)), [100 * v for v in values], label=r["name"])
+    for ax, title in ((left, "defended BA %"), (right, "defended ASR %")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", type=Path, help="YAML with `base` (config list) and `variants` (name: args)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: leave as is)")
+    parser.add_argument("--only", nargs="*", help="run just these rows")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1 :]  # after `--`: arguments for every run
+
+    spec = yaml.safe_load(args.variants.read_text())
+    variants = {name: flatten(v or []) + extra for name, v in spec["variants"].items()}
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    commands = {name: command(spec["base"], v, args.out, name) for name, v in variants.items()}
+    start = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(lambda item: run(item[0], item[1], args.out, env), commands.items()))
+    results = [summarize(name, cmd, args.out) for name, cmd in commands.items()]
+    summary = {
+        "machine": machine(),
+        "jobs": args.jobs,
+        "threads_per_run": args.threads or None,
+        "sweep_wall_s": time.monotonic() - start,
+        "argv": sys.argv,
+        "rows": results,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    markdown = table(results)
+    (args.out / "summary.md").write_text(markdown + "\n")
+    plot(results, args.out / "ba_asr.png")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
