@@ -251,3 +251,9 @@ def test_black_box_mode_distils_a_surrogate_then_trains_t_against_it(tmp_path):
     assert not same(first["surrogate"], start_surrogate) and same(first["t"], start_t)  # distillation
     assert same(second["surrogate"], first["surrogate"]) and not same(second["t"], first["t"])  # T's phase
     assert "val/ba" in trainer.callback_metrics and "val/victim_ba" in trainer.callback_metrics
+    # the line printed at the end of fit: the victim's numbers before the defended model's
+    ba = 100 * float(trainer.callback_metrics["val/ba"])
+    victim_ba = 100 * float(trainer.callback_metrics["val/victim_ba"])
+    assert module.before_after("val").startswith(f"victim BA {victim_ba:.2f}% / ASR ")
+    assert f"->  defended BA {ba:.2f}% / ASR " in module.before_after("val")
+    assert module.before_after("test") is None  # no test run yet

@@ -6,6 +6,7 @@ import warnings
 from abc import abstractmethod
 
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.errors import check_class_count
@@ -55,6 +56,20 @@ class DefenseModule(LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "test")
+
+    def before_after(self, stage: str = "val") -> str | None:
+        """``victim BA .. / ASR ..  ->  defended BA .. / ASR ..`` from the last evaluation's metrics."""
+        metrics = self.trainer.callback_metrics
+        keys = [f"{stage}/victim_ba", f"{stage}/victim_asr", f"{stage}/ba", f"{stage}/asr"]
+        if not all(k in metrics for k in keys):
+            return None
+        victim_ba, victim_asr, ba, asr = (100 * float(metrics[k]) for k in keys)
+        return f"victim BA {victim_ba:.2f}% / ASR {victim_asr:.2f}%  ->  defended BA {ba:.2f}% / ASR {asr:.2f}%"
+
+    def on_fit_end(self) -> None:
+        summary = self.before_after("val")
+        if summary:
+            rank_zero_info(f"Last validation: {summary}")
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(batch[0]).argmax(dim=1)
