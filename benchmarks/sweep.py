@@ -15,8 +15,8 @@ Every run writes its Lightning folder under ``<out>/runs/<name>/`` and its outpu
 ``<out>/logs/<name>.log``. At the end ``<out>/summary.json`` holds, per row, the exact command,
 the wall time, the last validation metrics and the per-epoch ``val/ba``/``val/asr``; the table
 is printed as Markdown (also written to ``summary.md``) and ``ba_asr.png`` plots the curves.
-Rows already finished (a ``metrics.csv`` with all epochs and a recorded wall time) are not
-run again, so an interrupted sweep continues where it stopped.
+Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run
+again, so an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations

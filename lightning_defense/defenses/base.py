@@ -60,7 +60,8 @@ class DefenseModule(LightningModule):
     def before_after(self, stage: str = "val") -> str | None:
         """``victim BA .. / ASR ..  ->  defended BA .. / ASR ..`` from the last evaluation's metrics."""
         metrics = self.trainer.callback_metrics
-        keys = [f"{stage}/victim_ba", f"{stage}/victim_asr", f"{stage}/ba", f"{stage}/asr"]
+        victim, defended = getattr(self, f"{stage}_victim_metrics"), getattr(self, f"{stage}_metrics")
+        keys = [victim.name(0), victim.name(1), defended.name(0), defended.name(1)]  # BA, ASR of each
         if not all(k in metrics for k in keys):
             return None
         victim_ba, victim_asr, ba, asr = (100 * float(metrics[k]) for k in keys)
