@@ -35,3 +35,26 @@ def test_ba_and_asr_on_hand_made_predictions():
 def test_prefix_names_the_undefended_victim():
     metrics = BackdoorMetrics(4, "test", prefix="victim_")
     assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"
+
+
+def test_epoch_summary_prints_every_epoch_and_validation_metrics_only_when_fresh(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from lightning_defense.callbacks import EpochSummary
+
+    trainer = SimpleNamespace(
+        current_epoch=0, max_epochs=3, sanity_checking=False,
+        callback_metrics={"train/loss": torch.tensor(1.5), "val/ba": torch.tensor(0.25)},
+    )
+    summary = EpochSummary()
+    with caplog.at_level(logging.INFO):
+        summary.on_fit_start(trainer, None)
+        summary.on_train_epoch_end(trainer, None)  # no validation this epoch: val/ba is stale
+        trainer.current_epoch = 1
+        summary.on_validation_epoch_end(trainer, None)
+        summary.on_train_epoch_end(trainer, None)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2
+    assert "train/loss 1.5000" in lines[0] and "val/ba" not in lines[0]
+    assert lines[1].startswith("epoch 1/2") and "val/ba 0.2500" in lines[1]
