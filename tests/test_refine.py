@@ -95,8 +95,8 @@ def test_clamped_transform_stays_in_range_and_passes_no_gradient_outside_it():
     assert images.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize("classification_loss", ["ce", "bce"])
-def test_both_loss_forms_run_under_bf16_autocast(classification_loss):
+@pytest.mark.parametrize("classification_loss", ["ce", "bce", "distillation"])
+def test_every_loss_form_runs_under_bf16_autocast(classification_loss):
     # autocast refuses binary_cross_entropy outright; the bce form must leave autocast for it
     refine = make_refine(classification_loss=classification_loss)
     with torch.autocast("cpu", torch.bfloat16):
@@ -109,7 +109,7 @@ def make_refine(**kwargs) -> Refine:
     return Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10), **kwargs)
 
 
-@pytest.mark.parametrize("classification_loss", ["ce", "bce"])
+@pytest.mark.parametrize("classification_loss", ["ce", "bce", "distillation"])
 def test_one_step_changes_t_and_leaves_the_victim_untouched(classification_loss):
     refine = make_refine(classification_loss=classification_loss)
     refine.train()
@@ -124,6 +124,53 @@ def test_one_step_changes_t_and_leaves_the_victim_untouched(classification_loss)
     assert any(not torch.equal(a, b) for a, b in zip(t_before, refine.transform_net.parameters()))
     # weights and BatchNorm buffers (running means, counts) alike
     assert all(torch.equal(victim_before[k], v) for k, v in refine.victim.state_dict().items())
+
+
+def test_distillation_is_zero_only_when_the_defended_model_matches_the_victims_distribution():
+    refine = make_refine(classification_loss="distillation", distillation_temperature=4.0)
+    victim_logits = torch.randn(6, 10) * 5
+    labels = victim_logits.argmax(1)
+    matched = refine.classification(victim_logits, victim_logits, labels)
+    assert matched.abs() < 1e-5
+    # same top class everywhere, different ranking of the rest: CE barely sees it, distillation does
+    others = torch.ones_like(victim_logits, dtype=torch.bool).scatter_(1, labels[:, None], False)
+    reranked = victim_logits.clone()
+    reranked[others] = victim_logits[others].view(6, 9).flip(1).flatten()  # reverse each row's runners-up
+    assert torch.equal(reranked.argmax(1), labels)
+    assert refine.classification(reranked, victim_logits, labels) > 0.1
+
+
+def test_black_box_log_probabilities_give_the_same_distillation_target_as_logits():
+    refine = make_refine(classification_loss="distillation", distillation_temperature=3.0)
+    victim_logits, defended = torch.randn(5, 10) * 4, torch.randn(5, 10)
+    log_probabilities = victim_logits.softmax(1).log()
+    labels = victim_logits.argmax(1)
+    assert torch.allclose(
+        refine.classification(defended, victim_logits, labels),
+        refine.classification(defended, log_probabilities, labels),
+        atol=1e-5,
+    )
+
+
+def test_encoder_head_learns_from_the_victim_and_stays_out_of_inference():
+    refine = Refine(
+        Classifier("resnet20", 10),
+        TransformNet("resnet18", 3, (32, 16, 8), encoder_head_classes=10),
+        LabelPermutation(10),
+        encoder_head_weight=1.0,
+    )
+    head = refine.transform_net.unet.classification_head
+    before = [p.clone() for p in head.parameters()]
+    losses = refine.loss(torch.rand(8, 3, 32, 32))
+    losses["loss"].backward()
+    torch.optim.SGD(refine.transform_net.parameters(), lr=0.1).step()
+    assert "encoder" in losses and any(not torch.equal(a, b) for a, b in zip(before, head.parameters()))
+    weights = refine.transform_net.inference_state_dict()
+    assert not any("classification_head" in k for k in weights)
+    TransformNet("resnet18", 3, (32, 16, 8)).load_state_dict(weights)  # strict: a head-less T takes them
+    with pytest.raises(ValueError, match="encoder_head_classes"):
+        Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10),
+               encoder_head_weight=1.0)
 
 
 def test_identity_transform_and_permutation_give_the_victims_predictions():
@@ -150,7 +197,13 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
         "seed_everything": 0,
         "model": {
             "class_path": "REFINE",
-            "init_args": {"victim": str(victim_path), "encoder_depth": 3, "decoder_channels": [16, 8, 4]},
+            "init_args": {
+                "victim": str(victim_path),
+                "encoder_depth": 3,
+                "decoder_channels": [16, 8, 4],
+                "classification_loss": "distillation",
+                "encoder_head_weight": 0.5,  # the export must leave the training-only head out
+            },
         },
         "data": {
             "class_path": "DefenseDataModule",
@@ -180,7 +233,7 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
     main(["fit", "--config", str(tmp_path / "refine.yaml")])
     run = tmp_path / "runs" / "r" / "version_0"
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"val/ba", "val/asr", "val/victim_ba", "val/victim_asr", "train/contrastive"} <= set(header)
+    assert {"val/ba", "val/asr", "val/victim_ba", "val/victim_asr", "train/contrastive", "train/encoder"} <= set(header)
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     original = load_victim(victim_path).state_dict()
     assert all(torch.equal(state[f"model.victim.{k}"], v) for k, v in original.items())

@@ -32,7 +32,7 @@ def sha256(path: str | Path) -> str:
 
 def save_defended(path: str | Path, model: Refine, victim_path: str | Path, transform_config: dict) -> Path:
     """Write T and M of ``model`` with a reference to the victim file, atomically."""
-    tensors = {f"transform_net.{k}": v for k, v in model.transform_net.state_dict().items()}
+    tensors = {f"transform_net.{k}": v for k, v in model.transform_net.inference_state_dict().items()}
     tensors["label_permutation.permutation"] = model.label_permutation.permutation
     metadata = {
         "format": FORMAT,

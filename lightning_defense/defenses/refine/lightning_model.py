@@ -38,9 +38,12 @@ class REFINE(DefenseModule):
             (see :class:`TransformNet`).
         use_permutation: ``False`` is the "w/o HRF" ablation (M = identity).
         permutation_seed: draws the derangement M.
-        classification_loss: ``ce`` or ``bce`` (see :class:`Refine`).
+        classification_loss: ``ce``, ``bce`` or ``distillation`` (see :class:`Refine`).
         contrastive_weight: lambda; 0 is the "w/o SCL" ablation.
         temperature: tau of the supervised contrastive loss.
+        distillation_temperature: softens the ``distillation`` loss's distributions.
+        encoder_head_weight: > 0 gives T an encoder head trained on the victim's answers (a
+            training aid, not in the paper; see :class:`Refine`).
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class REFINE(DefenseModule):
         classification_loss: ClassificationLoss = "ce",
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
+        distillation_temperature: float = 4.0,
+        encoder_head_weight: float = 0.0,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -65,13 +70,16 @@ class REFINE(DefenseModule):
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
         self.save_hyperparameters()
+        head_classes = victim_model.num_classes if encoder_head_weight > 0 else 0
         self.model = Refine(
             victim_model,
-            TransformNet(**self.transform_config()),
+            TransformNet(**self.transform_config(), encoder_head_classes=head_classes),
             LabelPermutation(victim_model.num_classes, permutation_seed, enabled=use_permutation),
             classification_loss=classification_loss,
             contrastive_weight=contrastive_weight,
             temperature=temperature,
+            distillation_temperature=distillation_temperature,
+            encoder_head_weight=encoder_head_weight,
         )
 
     @property
@@ -88,7 +96,8 @@ class REFINE(DefenseModule):
         return losses["loss"]
 
     def transform_config(self) -> dict[str, Any]:
-        """T's settings: what :class:`TransformNet` needs to be rebuilt from an export."""
+        """T's settings: what :class:`TransformNet` needs to be rebuilt from an export (without
+        the encoder head, which only training uses)."""
         hp = self.hparams
         return {
             "encoder_name": hp.encoder_name,
@@ -170,7 +179,8 @@ class BlackBoxREFINE(REFINE):
             loss = distillation_loss(self.surrogate(images), probabilities)
             self.log("train/distillation", loss, prog_bar=True)
             return loss
-        losses = self.model.loss(images, probabilities.argmax(dim=1), classifier=self.surrogate)
+        # log-probabilities are logits of the same distribution: all the loss needs of the victim
+        losses = self.model.loss(images, probabilities.clamp_min(1e-12).log(), classifier=self.surrogate)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims.classifier import Classifier
 
-ClassificationLoss = Literal["ce", "bce"]
+ClassificationLoss = Literal["ce", "bce", "distillation"]
 OutputActivation = Literal["sigmoid", "clamp"]
 
 
@@ -66,6 +66,9 @@ class TransformNet(nn.Module):
             ``clamp`` is the official code's choice and zeroes them.
         residual: the UNet predicts a change to the input (in logit space for ``sigmoid``), so
             an untrained T starts at the identity instead of a random image.
+        encoder_head_classes: > 0 adds smp's classification head (average pooling, linear) on
+            the deepest encoder stage, for :class:`Refine`'s encoder loss. It only helps training:
+            the defended model never uses it and :meth:`inference_state_dict` leaves it out.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class TransformNet(nn.Module):
         in_channels: int = 3,
         output_activation: OutputActivation = "sigmoid",
         residual: bool = False,
+        encoder_head_classes: int = 0,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != encoder_depth:
@@ -87,6 +91,7 @@ class TransformNet(nn.Module):
             raise ConfigurationError(f"output_activation must be 'sigmoid' or 'clamp', got {output_activation!r}.")
         self.output_activation = output_activation
         self.residual = residual
+        head = {"classes": encoder_head_classes, "pooling": "avg", "dropout": None} if encoder_head_classes else None
         self.unet = smp.Unet(
             encoder_name=encoder_name,
             encoder_weights=None,  # nothing can be downloaded; T learns from scratch
@@ -94,6 +99,7 @@ class TransformNet(nn.Module):
             decoder_channels=list(decoder_channels),
             in_channels=in_channels,
             classes=in_channels,
+            aux_params=head,
         )
         self._remove_unused_stages()
         if residual:  # a zero change: T is exactly the identity before training
@@ -104,7 +110,8 @@ class TransformNet(nn.Module):
         """Replace encoder stages that a forward pass never reaches (found by one probe)."""
         encoder = self.unet.encoder
         self.unet.train(False)  # eval: the probe must not touch BatchNorm statistics
-        self.unet(torch.zeros(2, encoder._in_channels, 32, 32)).sum().backward()
+        outputs = self.unet(torch.zeros(2, encoder._in_channels, 32, 32))
+        sum(output.sum() for output in (outputs if isinstance(outputs, tuple) else [outputs])).backward()
         for name, child in list(encoder.named_children()):
             params = list(child.parameters())
             if params and all(p.grad is None for p in params):
@@ -112,13 +119,22 @@ class TransformNet(nn.Module):
         self.unet.zero_grad(set_to_none=True)
         self.unet.train(True)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def transform(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """T(x), and the encoder head's logits (``None`` without a head)."""
         output = self.unet(images)
+        output, encoder_logits = output if isinstance(output, tuple) else (output, None)
         if self.output_activation == "clamp":
-            return (images + output if self.residual else output).clamp(0, 1)
+            return (images + output if self.residual else output).clamp(0, 1), encoder_logits
         if self.residual:
             output = output + torch.logit(images.to(output.dtype), eps=1e-3)
-        return torch.sigmoid(output)
+        return torch.sigmoid(output), encoder_logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.transform(images)[0]
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """T's weights without the encoder head, which the defended model never uses."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.classification_head.")}
 
 
 def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
@@ -149,9 +165,17 @@ class Refine(nn.Module):
         transform_net: T.
         label_permutation: M.
         classification_loss: ``ce`` (the paper) or ``bce`` (the official code: binary
-            cross-entropy between the permuted softmax and the one-hot pseudo-label).
+            cross-entropy between the permuted softmax and the one-hot pseudo-label), both on
+            the hard pseudo-label; or ``distillation``: KL divergence to the victim's whole
+            softened output distribution (Hinton et al.'s knowledge distillation), which tells T
+            how the victim ranks every class, not only its top one.
         contrastive_weight: lambda of the supervised contrastive term; 0 disables it.
         temperature: tau of the supervised contrastive term.
+        distillation_temperature: softens both distributions of the ``distillation`` loss.
+        encoder_head_weight: weight of an extra training signal, not in the paper: the same
+            classification loss between T's encoder head (see :class:`TransformNet`) and the
+            victim's answer, so T's encoder learns to tell the classes apart directly instead of
+            only through its decoder and the victim. Needs a T with an encoder head; 0 disables.
     """
 
     def __init__(
@@ -162,50 +186,78 @@ class Refine(nn.Module):
         classification_loss: ClassificationLoss = "ce",
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
+        distillation_temperature: float = 4.0,
+        encoder_head_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if classification_loss not in ("ce", "bce"):
-            raise ConfigurationError(f"classification_loss must be 'ce' or 'bce', got {classification_loss!r}.")
+        if classification_loss not in ("ce", "bce", "distillation"):
+            raise ConfigurationError(
+                f"classification_loss must be 'ce', 'bce' or 'distillation', got {classification_loss!r}."
+            )
+        if distillation_temperature <= 0:
+            raise ConfigurationError(f"distillation_temperature must be > 0, got {distillation_temperature}.")
+        has_head = isinstance(transform_net, TransformNet) and transform_net.unet.classification_head is not None
+        if encoder_head_weight > 0 and not has_head:
+            raise ConfigurationError(
+                "encoder_head_weight > 0 needs a TransformNet with an encoder head: set its encoder_head_classes."
+            )
         self.victim = victim.freeze()
         self.transform_net = transform_net
         self.label_permutation = label_permutation
         self.classification_loss = classification_loss
         self.contrastive_weight = contrastive_weight
         self.temperature = temperature
+        self.distillation_temperature = distillation_temperature
+        self.encoder_head_weight = encoder_head_weight
 
     @torch.no_grad()
-    def pseudo_labels(self, images: Tensor) -> Tensor:
-        """ȳ = argmax F(x) on the untransformed images; ground truth is never used."""
-        return self.victim(images).argmax(dim=1)
+    def victim_logits(self, images: Tensor) -> Tensor:
+        """F(x) on the untransformed images: the targets (pseudo-label ȳ = argmax); ground truth is
+        never used."""
+        return self.victim(images).float()
 
     def forward(self, images: Tensor) -> Tensor:
         return self.label_permutation(self.victim(self.transform_net(images)))
 
     def loss(
-        self, images: Tensor, pseudo_labels: Tensor | None = None, classifier: nn.Module | None = None
+        self, images: Tensor, victim_logits: Tensor | None = None, classifier: nn.Module | None = None
     ) -> dict[str, Tensor]:
         """REFINE's loss on a batch; returns the total and its parts.
 
-        ``classifier`` stands in for the victim in the loss (black-box mode trains T against a
-        surrogate, since a black-box victim gives no gradients).
+        ``victim_logits`` are F's outputs on ``images`` when the caller has them (any logits that
+        give the victim's probabilities will do, e.g. their log). ``classifier`` stands in for the
+        victim in the loss (black-box mode trains T against a surrogate, since a black-box victim
+        gives no gradients).
         """
-        if pseudo_labels is None:
-            pseudo_labels = self.pseudo_labels(images)
-        transformed = self.transform_net(images)
+        if victim_logits is None:
+            victim_logits = self.victim_logits(images)
+        pseudo_labels = victim_logits.argmax(dim=1)
+        victim_logits = victim_logits.float()
+        transformed, encoder_logits = self.transform_net.transform(images)
         logits = self.label_permutation((classifier or self.victim)(transformed)).float()
-        if self.classification_loss == "ce":
-            classification = F.cross_entropy(logits, pseudo_labels)
-        else:
-            target = F.one_hot(pseudo_labels, logits.shape[1]).float()
-            # autocast refuses binary_cross_entropy (unsafe in half precision): run it in float32
-            with torch.autocast(logits.device.type, enabled=False):
-                classification = F.binary_cross_entropy(logits.softmax(dim=1), target)
-        parts = {"classification": classification}
-        total = classification
+        parts = {"classification": self.classification(logits, victim_logits, pseudo_labels)}
+        total = parts["classification"]
+        if self.encoder_head_weight > 0:
+            parts["encoder"] = self.classification(encoder_logits.float(), victim_logits, pseudo_labels)
+            total = total + self.encoder_head_weight * parts["encoder"]
         if self.contrastive_weight > 0:
             parts["contrastive"] = supervised_contrastive_loss(transformed, pseudo_labels, self.temperature)
             total = total + self.contrastive_weight * parts["contrastive"]
         return {"loss": total, **parts}
+
+    def classification(self, logits: Tensor, victim_logits: Tensor, pseudo_labels: Tensor) -> Tensor:
+        """L_cls between the defended model's (permuted) logits and the victim's answer."""
+        if self.classification_loss == "ce":
+            return F.cross_entropy(logits, pseudo_labels)
+        if self.classification_loss == "distillation":
+            t = self.distillation_temperature
+            target = (victim_logits / t).softmax(dim=1)
+            # t^2 keeps the gradient's scale independent of t (Hinton et al., 2015)
+            return F.kl_div((logits / t).log_softmax(dim=1), target, reduction="batchmean") * t * t
+        target = F.one_hot(pseudo_labels, logits.shape[1]).float()
+        # autocast refuses binary_cross_entropy (unsafe in half precision): run it in float32
+        with torch.autocast(logits.device.type, enabled=False):
+            return F.binary_cross_entropy(logits.softmax(dim=1), target)
 
 
 def distillation_loss(surrogate_logits: Tensor, victim_probabilities: Tensor) -> Tensor:
