@@ -152,6 +152,13 @@ def test_black_box_log_probabilities_give_the_same_distillation_target_as_logits
     )
 
 
+def test_transform_net_can_be_built_for_inference_under_no_grad():
+    with torch.no_grad():  # load_defended in an inference script builds T this way
+        transform = TransformNet("resnet18", 3, (32, 16, 8))
+    assert all(p.grad is None for p in transform.parameters())
+    assert transform(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+
+
 def test_encoder_head_learns_from_the_victim_and_stays_out_of_inference():
     refine = Refine(
         Classifier("resnet20", 10),

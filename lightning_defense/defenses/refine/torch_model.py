@@ -110,8 +110,9 @@ class TransformNet(nn.Module):
         """Replace encoder stages that a forward pass never reaches (found by one probe)."""
         encoder = self.unet.encoder
         self.unet.train(False)  # eval: the probe must not touch BatchNorm statistics
-        outputs = self.unet(torch.zeros(2, encoder._in_channels, 32, 32))
-        sum(output.sum() for output in (outputs if isinstance(outputs, tuple) else [outputs])).backward()
+        with torch.enable_grad():  # the probe needs autograd, also when T is built under no_grad (inference)
+            outputs = self.unet(torch.zeros(2, encoder._in_channels, 32, 32))
+            sum(output.sum() for output in (outputs if isinstance(outputs, tuple) else [outputs])).backward()
         for name, child in list(encoder.named_children()):
             params = list(child.parameters())
             if params and all(p.grad is None for p in params):
