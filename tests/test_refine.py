@@ -317,3 +317,25 @@ def test_black_box_mode_distils_a_surrogate_then_trains_t_against_it(tmp_path):
     assert module.before_after("val").startswith(f"victim BA {victim_ba:.2f}% / ASR ")
     assert f"->  defended BA {ba:.2f}% / ASR " in module.before_after("val")
     assert module.before_after("test") is None  # no test run yet
+
+
+def test_the_shipped_embedded_default_runs_end_to_end_in_short(tmp_path):
+    """configs/refine.yaml as users run it (shipped victim, embedded data), cut to a few steps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable, "-m", "lightning_defense", "fit", "--config", str(repo / "configs" / "refine.yaml"),
+        "--trainer.max_epochs", "2",  # the config validates every 2 epochs
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "victim BA 8" in done.stdout + done.stderr and "->  defended BA" in done.stdout + done.stderr
+    run = tmp_path / "runs" / "refine" / "version_0"
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/ba", "val/asr", "val/victim_ba", "train/encoder", "train/contrastive"} <= set(header)
+    assert (run / "defended.safetensors").is_file() and (run / "transforms" / "epoch_001.png").is_file()
