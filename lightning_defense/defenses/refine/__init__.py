@@ -8,8 +8,8 @@ from lightning_defense.defenses.refine.torch_model import (
     Refine,
     TransformNet,
     derangement,
-    distillation_loss,
     supervised_contrastive_loss,
+    surrogate_loss,
 )
 
 __all__ = [
@@ -22,6 +22,6 @@ __all__ = [
     "Refine",
     "TransformNet",
     "derangement",
-    "distillation_loss",
+    "surrogate_loss",
     "supervised_contrastive_loss",
 ]

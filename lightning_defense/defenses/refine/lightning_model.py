@@ -19,7 +19,7 @@ from lightning_defense.defenses.refine.torch_model import (
     OutputActivation,
     Refine,
     TransformNet,
-    distillation_loss,
+    surrogate_loss,
 )
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims import Classifier, load_victim
@@ -38,10 +38,10 @@ class REFINE(DefenseModule):
             (see :class:`TransformNet`).
         use_permutation: ``False`` is the "w/o HRF" ablation (M = identity).
         permutation_seed: draws the derangement M.
-        classification_loss: ``ce``, ``bce`` or ``distillation`` (see :class:`Refine`).
+        classification_loss: ``ce``, ``bce`` or ``soft`` (see :class:`Refine`).
         contrastive_weight: lambda; 0 is the "w/o SCL" ablation.
         temperature: tau of the supervised contrastive loss.
-        distillation_temperature: softens the ``distillation`` loss's distributions.
+        soft_label_temperature: softens the ``soft`` loss's distributions.
         encoder_head_weight: > 0 gives T an encoder head trained on the victim's answers (a
             training aid, not in the paper; see :class:`Refine`).
     """
@@ -59,7 +59,7 @@ class REFINE(DefenseModule):
         classification_loss: ClassificationLoss = "ce",
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
-        distillation_temperature: float = 4.0,
+        soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -78,7 +78,7 @@ class REFINE(DefenseModule):
             classification_loss=classification_loss,
             contrastive_weight=contrastive_weight,
             temperature=temperature,
-            distillation_temperature=distillation_temperature,
+            soft_label_temperature=soft_label_temperature,
             encoder_head_weight=encoder_head_weight,
         )
 
@@ -176,11 +176,13 @@ class BlackBoxREFINE(REFINE):
         images, _ = batch
         probabilities = self.victim_probabilities(images)
         if self.distilling:
-            loss = distillation_loss(self.surrogate(images), probabilities)
-            self.log("train/distillation", loss, prog_bar=True)
+            loss = surrogate_loss(self.surrogate(images), probabilities)
+            self.log("train/surrogate", loss, prog_bar=True)
             return loss
         # log-probabilities are logits of the same distribution: all the loss needs of the victim
-        losses = self.model.loss(images, probabilities.clamp_min(1e-12).log(), classifier=self.surrogate)
+        # floored at the smallest normal float, so that even a tempered target stays faithful
+        log_probabilities = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+        losses = self.model.loss(images, log_probabilities, classifier=self.surrogate)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims.classifier import Classifier
 
-ClassificationLoss = Literal["ce", "bce", "distillation"]
+ClassificationLoss = Literal["ce", "bce", "soft"]
 OutputActivation = Literal["sigmoid", "clamp"]
 
 
@@ -107,20 +107,25 @@ class TransformNet(nn.Module):
                 nn.init.zeros_(parameter)
 
     def _remove_unused_stages(self) -> None:
-        """Replace encoder stages that a forward pass never reaches (found by one probe)."""
-        encoder = self.unet.encoder
+        """Replace encoder stages that a forward pass never calls (found by one probe with forward
+        hooks, which needs no autograd: T can be built under ``torch.inference_mode`` too)."""
+        encoder, called = self.unet.encoder, set()
+        hooks = [  # on every sub-module: some encoders (VGG) run slices of a stage, never the stage itself
+            module.register_forward_hook(lambda *_, name=name: called.add(name))
+            for name, child in encoder.named_children()
+            for module in child.modules()
+        ]
         self.unet.train(False)  # eval: the probe must not touch BatchNorm statistics
-        with torch.enable_grad():  # the probe needs autograd, also when T is built under no_grad (inference)
-            outputs = self.unet(torch.zeros(2, encoder._in_channels, 32, 32))
-            sum(output.sum() for output in (outputs if isinstance(outputs, tuple) else [outputs])).backward()
-        for name, child in list(encoder.named_children()):
-            params = list(child.parameters())
-            if params and all(p.grad is None for p in params):
-                setattr(encoder, name, nn.Identity())
-        self.unet.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.unet(torch.zeros(1, encoder._in_channels, 32, 32))
         self.unet.train(True)
+        for hook in hooks:
+            hook.remove()
+        for name, child in list(encoder.named_children()):
+            if name not in called and any(True for _ in child.parameters()):
+                setattr(encoder, name, nn.Identity())
 
-    def transform(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def forward_with_head(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """T(x), and the encoder head's logits (``None`` without a head)."""
         output = self.unet(images)
         output, encoder_logits = output if isinstance(output, tuple) else (output, None)
@@ -131,7 +136,7 @@ class TransformNet(nn.Module):
         return torch.sigmoid(output), encoder_logits
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.transform(images)[0]
+        return self.forward_with_head(images)[0]
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """T's weights without the encoder head, which the defended model never uses."""
@@ -167,12 +172,12 @@ class Refine(nn.Module):
         label_permutation: M.
         classification_loss: ``ce`` (the paper) or ``bce`` (the official code: binary
             cross-entropy between the permuted softmax and the one-hot pseudo-label), both on
-            the hard pseudo-label; or ``distillation``: KL divergence to the victim's whole
-            softened output distribution (Hinton et al.'s knowledge distillation), which tells T
-            how the victim ranks every class, not only its top one.
+            the hard pseudo-label; or ``soft``: soft pseudo-labels, the KL divergence to the
+            victim's whole softened output distribution (Hinton et al.'s knowledge
+            distillation), which tells T how the victim ranks every class, not only its top one.
         contrastive_weight: lambda of the supervised contrastive term; 0 disables it.
         temperature: tau of the supervised contrastive term.
-        distillation_temperature: softens both distributions of the ``distillation`` loss.
+        soft_label_temperature: softens both distributions of the ``soft`` loss.
         encoder_head_weight: weight of an extra training signal, not in the paper: the same
             classification loss between T's encoder head (see :class:`TransformNet`) and the
             victim's answer, so T's encoder learns to tell the classes apart directly instead of
@@ -187,20 +192,21 @@ class Refine(nn.Module):
         classification_loss: ClassificationLoss = "ce",
         contrastive_weight: float = 0.1,
         temperature: float = 0.07,
-        distillation_temperature: float = 4.0,
+        soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if classification_loss not in ("ce", "bce", "distillation"):
-            raise ConfigurationError(
-                f"classification_loss must be 'ce', 'bce' or 'distillation', got {classification_loss!r}."
-            )
-        if distillation_temperature <= 0:
-            raise ConfigurationError(f"distillation_temperature must be > 0, got {distillation_temperature}.")
+        if classification_loss not in ("ce", "bce", "soft"):
+            raise ConfigurationError(f"classification_loss must be 'ce', 'bce' or 'soft', got {classification_loss!r}.")
+        if soft_label_temperature <= 0:
+            raise ConfigurationError(f"soft_label_temperature must be > 0, got {soft_label_temperature}.")
+        if encoder_head_weight < 0:
+            raise ConfigurationError(f"encoder_head_weight must be >= 0, got {encoder_head_weight}.")
         has_head = isinstance(transform_net, TransformNet) and transform_net.unet.classification_head is not None
-        if encoder_head_weight > 0 and not has_head:
+        if has_head != (encoder_head_weight > 0):  # an unused head has no gradient, and plain DDP fails on it
             raise ConfigurationError(
-                "encoder_head_weight > 0 needs a TransformNet with an encoder head: set its encoder_head_classes."
+                "T has an encoder head exactly when encoder_head_weight > 0: set the TransformNet's "
+                "encoder_head_classes to the class count with a positive weight, and to 0 without."
             )
         self.victim = victim.freeze()
         self.transform_net = transform_net
@@ -208,7 +214,7 @@ class Refine(nn.Module):
         self.classification_loss = classification_loss
         self.contrastive_weight = contrastive_weight
         self.temperature = temperature
-        self.distillation_temperature = distillation_temperature
+        self.soft_label_temperature = soft_label_temperature
         self.encoder_head_weight = encoder_head_weight
 
     @torch.no_grad()
@@ -234,7 +240,7 @@ class Refine(nn.Module):
             victim_logits = self.victim_logits(images)
         pseudo_labels = victim_logits.argmax(dim=1)
         victim_logits = victim_logits.float()
-        transformed, encoder_logits = self.transform_net.transform(images)
+        transformed, encoder_logits = self.transform_net.forward_with_head(images)
         logits = self.label_permutation((classifier or self.victim)(transformed)).float()
         parts = {"classification": self.classification(logits, victim_logits, pseudo_labels)}
         total = parts["classification"]
@@ -250,8 +256,8 @@ class Refine(nn.Module):
         """L_cls between the defended model's (permuted) logits and the victim's answer."""
         if self.classification_loss == "ce":
             return F.cross_entropy(logits, pseudo_labels)
-        if self.classification_loss == "distillation":
-            t = self.distillation_temperature
+        if self.classification_loss == "soft":
+            t = self.soft_label_temperature
             target = (victim_logits / t).softmax(dim=1)
             # t^2 keeps the gradient's scale independent of t (Hinton et al., 2015)
             return F.kl_div((logits / t).log_softmax(dim=1), target, reduction="batchmean") * t * t
@@ -261,7 +267,7 @@ class Refine(nn.Module):
             return F.binary_cross_entropy(logits.softmax(dim=1), target)
 
 
-def distillation_loss(surrogate_logits: Tensor, victim_probabilities: Tensor) -> Tensor:
+def surrogate_loss(surrogate_logits: Tensor, victim_probabilities: Tensor) -> Tensor:
     """REFINE's black-box mode (paper, appendix E): mean squared error between the surrogate's
     and the victim's softmax outputs."""
     return F.mse_loss(surrogate_logits.float().softmax(dim=1), victim_probabilities.float())
