@@ -98,10 +98,16 @@ class Attack(ABC):
         without any backdoor (contract 4).
         """
         self.check(tuple(images.shape[-2:]), num_classes)
-        if self.label_mode == "all_to_one":
-            keep = labels != self.target
-            images, labels = images[keep], labels[keep]
+        keep = self.poisoned_test_images(labels)
+        images, labels = images[keep], labels[keep]
         return self._apply_uint8(images), self.poison_labels(labels, num_classes)
+
+    def poisoned_test_images(self, labels: Tensor) -> Tensor:
+        """Which test images the poisoned test set holds (a mask): all-to-one leaves out the
+        target class, whose images would count as successes without any backdoor."""
+        if self.label_mode == "all_to_one":
+            return labels != self.target
+        return torch.ones_like(labels, dtype=torch.bool)
 
     def config(self) -> dict[str, Any]:
         """``class_path``/``init_args`` of this attack, as a config file would name it."""
