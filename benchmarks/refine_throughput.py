@@ -1,10 +1,12 @@
 """REFINE throughput: training images/s, and inference latency of the bare vs the defended model.
 
 Measured in one process, side by side, on random [0, 1] images (speed does not depend on
-content). Prints a table and writes JSON with the machine, torch version, device and settings.
+content). T, M and the loss are those of a REFINE config's ``model.init_args`` (default: the
+embedded default), so the numbers are for what that config trains. Prints a table and writes
+JSON with the machine, torch version, device and settings.
 
-    python benchmarks/refine_throughput.py --victim checkpoints/cifar10_resnet20_badnets.safetensors \\
-        --precision bf16 --out benchmarks/results/refine_throughput_cpu.json
+    python benchmarks/refine_throughput.py --precision bf16 --out benchmarks/results/refine_throughput_cpu.json
+    python benchmarks/refine_throughput.py --config configs/refine_full.yaml --victim <victim file> --channels-last
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from machine_info import machine
 
-from lightning_defense.defenses.refine import LabelPermutation, Refine, TransformNet
-from lightning_defense.victims import load_victim
+from lightning_defense.defenses.refine import REFINE
 
 
 def timed(fn, steps: int, device: torch.device) -> float:
@@ -37,10 +39,8 @@ def timed(fn, steps: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--victim", required=True)
-    parser.add_argument("--encoder-name", default="resnet18")
-    parser.add_argument("--encoder-depth", type=int, default=3)
-    parser.add_argument("--decoder-channels", type=int, nargs="+", default=[64, 32, 16])
+    parser.add_argument("--config", type=Path, default=Path("configs/refine.yaml"), help="a REFINE config")
+    parser.add_argument("--victim", help="victim file instead of the config's")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -50,9 +50,11 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    victim = load_victim(args.victim)
-    transform_net = TransformNet(args.encoder_name, args.encoder_depth, tuple(args.decoder_channels))
-    model = Refine(victim, transform_net, LabelPermutation(victim.num_classes)).to(device)
+    init_args = yaml.safe_load(args.config.read_text())["model"]["init_args"] | (
+        {"victim": args.victim} if args.victim else {}
+    )
+    model = REFINE(**init_args).model.to(device)
+    victim, transform_net = model.victim, model.transform_net
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     images = torch.rand(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
@@ -81,7 +83,8 @@ def main() -> None:
     result = {
         "machine": machine(),
         "device": str(device),
-        "settings": vars(args) | {"out": str(args.out) if args.out else None},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": init_args,
         "transform_net_parameters": sum(p.numel() for p in transform_net.parameters()),
         "train_images_per_s": args.batch_size / train,
         "bare_latency_ms_per_batch": 1000 * bare,
