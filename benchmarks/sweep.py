@@ -59,8 +59,11 @@ def summarize(name: str, cmd: list[str], out: Path) -> dict:
     rows = read_metrics(out / "runs" / name)
     curves: dict[str, list[float]] = {}
     last: dict[str, float] = {}
+    validated: list[int] = []  # the epoch of each validation (a config may validate every n epochs)
+    trained = max((int(row["epoch"]) + 1 for row in rows if row.get("epoch")), default=0)
     for row in rows:
         if row.get("val/ba"):
+            validated.append(int(row["epoch"]) + 1)
             for key, value in row.items():
                 if key.startswith("val/") and value:
                     curves.setdefault(key, []).append(float(value))
@@ -71,7 +74,8 @@ def summarize(name: str, cmd: list[str], out: Path) -> dict:
         "name": name,
         "command": shlex.join(cmd),
         "wall_s": wall,
-        "epochs": len(curves.get("val/ba", [])),
+        "epochs": trained,
+        "validated_after_epoch": validated,
         "last": last,
         "curves": curves,
     }
@@ -97,13 +101,13 @@ def run(name: str, cmd: list[str], out: Path, env: dict[str, str]) -> None:
 def table(results: list[dict]) -> str:
     keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr"]
     lines = [
-        "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (epoch) |",
+        "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (after epoch) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         values = [f"{100 * r['last'][k]:.2f}" if k in r["last"] else "–" for k in keys]
         ba = r["curves"].get("val/ba", [])
-        best = f"{100 * max(ba):.2f} ({ba.index(max(ba))})" if ba else "–"
+        best = f"{100 * max(ba):.2f} ({r['validated_after_epoch'][ba.index(max(ba))]})" if ba else "–"
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "–"
         lines.append(f"| {r['name']} | {r['epochs']} | {wall} | {' | '.join(values)} | {best} |")
     return "\n".join(lines)
@@ -119,7 +123,7 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         for ax, key in ((left, "val/ba"), (right, "val/asr")):
             values = r["curves"].get(key, [])
-            ax.plot(range(len(values)), [100 * v for v in values], label=r["name"])
+            ax.plot(r["validated_after_epoch"][: len(values)], [100 * v for v in values], label=r["name"])
     for ax, title in ((left, "defended BA %"), (right, "defended ASR %")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
