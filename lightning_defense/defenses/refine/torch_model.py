@@ -221,7 +221,7 @@ class Refine(nn.Module):
     def victim_logits(self, images: Tensor) -> Tensor:
         """F(x) on the untransformed images: the targets (pseudo-label ȳ = argmax); ground truth is
         never used."""
-        return self.victim(images).float()
+        return self.victim(images)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.label_permutation(self.victim(self.transform_net(images)))
