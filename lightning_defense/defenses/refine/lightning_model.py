@@ -16,11 +16,10 @@ from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
     ClassificationLoss,
     LabelPermutation,
-    OutputActivation,
     Refine,
-    TransformNet,
     surrogate_loss,
 )
+from lightning_defense.defenses.transform_net import OutputActivation, TransformNet
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims import Classifier, load_victim
 

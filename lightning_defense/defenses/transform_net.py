@@ -1,0 +1,106 @@
+"""An image-to-image UNet from segmentation-models-pytorch, shared by the defenses that rewrite
+their input: REFINE's transformation T, BTI-DBF's backdoor generator and purifier."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import Tensor, nn
+
+from lightning_defense.errors import ConfigurationError
+
+OutputActivation = Literal["sigmoid", "clamp"]
+
+
+class TransformNet(nn.Module):
+    """An image-to-image UNet (smp), image in [0, 1] to image in [0, 1]: REFINE's T, BTI-DBF's generators.
+
+    Encoder stages deeper than ``encoder_depth`` are removed: smp keeps them, their parameters get
+    no gradient, and DDP fails on unused parameters.
+
+    Args:
+        encoder_name: any smp encoder (``resnet18``, ``resnet34``, ``vgg11_bn``...).
+        encoder_depth: number of down-sampling stages (3 to 5); 32x32 images allow 5.
+        decoder_channels: one width per stage, deepest first.
+        output_activation: ``sigmoid`` keeps gradients for pixels pushed outside [0, 1];
+            ``clamp`` is the official code's choice and zeroes them.
+        residual: the UNet predicts a change to the input (in logit space for ``sigmoid``), so
+            an untrained T starts at the identity instead of a random image.
+        encoder_head_classes: > 0 adds smp's classification head (average pooling, linear) on
+            the deepest encoder stage, for :class:`Refine`'s encoder loss. It only helps training:
+            the defended model never uses it and :meth:`inference_state_dict` leaves it out.
+    """
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet18",
+        encoder_depth: int = 4,
+        decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        in_channels: int = 3,
+        output_activation: OutputActivation = "sigmoid",
+        residual: bool = False,
+        encoder_head_classes: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != encoder_depth:
+            raise ConfigurationError(
+                f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "
+                f"{encoder_depth}: give one decoder width per encoder stage."
+            )
+        if output_activation not in ("sigmoid", "clamp"):
+            raise ConfigurationError(f"output_activation must be 'sigmoid' or 'clamp', got {output_activation!r}.")
+        self.output_activation = output_activation
+        self.residual = residual
+        head = {"classes": encoder_head_classes, "pooling": "avg", "dropout": None} if encoder_head_classes else None
+        self.unet = smp.Unet(
+            encoder_name=encoder_name,
+            encoder_weights=None,  # nothing can be downloaded; T learns from scratch
+            encoder_depth=encoder_depth,
+            decoder_channels=list(decoder_channels),
+            in_channels=in_channels,
+            classes=in_channels,
+            aux_params=head,
+        )
+        self._remove_unused_stages()
+        if residual:  # a zero change: T is exactly the identity before training
+            for parameter in self.unet.segmentation_head.parameters():
+                nn.init.zeros_(parameter)
+
+    def _remove_unused_stages(self) -> None:
+        """Replace encoder stages that a forward pass never calls (found by one probe with forward
+        hooks, which needs no autograd: T can be built under ``torch.inference_mode`` too)."""
+        encoder, called = self.unet.encoder, set()
+        hooks = [  # on every sub-module: some encoders (VGG) run slices of a stage, never the stage itself
+            module.register_forward_hook(lambda *_, name=name: called.add(name))
+            for name, child in encoder.named_children()
+            for module in child.modules()
+        ]
+        self.unet.train(False)  # eval: the probe must not touch BatchNorm statistics
+        with torch.no_grad():
+            self.unet(torch.zeros(1, encoder._in_channels, 32, 32))
+        self.unet.train(True)
+        for hook in hooks:
+            hook.remove()
+        for name, child in list(encoder.named_children()):
+            if name not in called and any(True for _ in child.parameters()):
+                setattr(encoder, name, nn.Identity())
+
+    def forward_with_head(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """T(x), and the encoder head's logits (``None`` without a head)."""
+        output = self.unet(images)
+        output, encoder_logits = output if isinstance(output, tuple) else (output, None)
+        if self.output_activation == "clamp":
+            return (images + output if self.residual else output).clamp(0, 1), encoder_logits
+        if self.residual:
+            output = output + torch.logit(images.to(output.dtype), eps=1e-3)
+        return torch.sigmoid(output), encoder_logits
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_with_head(images)[0]
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """T's weights without the encoder head, which the defended model never uses."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.classification_head.")}
