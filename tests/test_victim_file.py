@@ -86,10 +86,18 @@ def test_bare_third_party_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "preact_resnet18", "vgg16_bn", "resnet20"])
-def test_architectures_take_32x32_and_name_their_feature_layer(arch):
+def test_architectures_take_32x32_and_split_at_their_feature_layer(arch):
     classifier = Classifier(arch, 7).eval()
-    assert classifier(torch.rand(2, 3, 32, 32)).shape == (2, 7)
-    assert classifier.get_submodule(classifier.feature_layer) is not None
+    images = torch.rand(2, 3, 32, 32)
+    assert classifier(images).shape == (2, 7)
+    # S_a is the named layer's output, and S_b(S_a(x)) is the whole network
+    captured = []
+    classifier.get_submodule(classifier.feature_layer).register_forward_hook(lambda m, i, o: captured.append(o))
+    logits = classifier(images)
+    features = classifier.features(images)
+    torch.testing.assert_close(features, captured[0])
+    assert features.dim() == 4  # a feature map, before pooling
+    torch.testing.assert_close(classifier.head(features), logits)
 
 
 def test_resnet18_has_a_cifar_stem():

@@ -3,7 +3,8 @@
 Every network here takes *normalized* input; :class:`~lightning_defense.victims.classifier.Classifier`
 wraps it, owns the normalization and takes [0, 1] pixels (contract 1). Each architecture names
 ``feature_layer``: the module whose output ends the feature extractor (S_a) and after which the
-rest of the network is the head (S_b). Trigger-inversion defenses split the victim there.
+rest of the network is the head (S_b), and ``head`` runs S_b on those features, so that
+``forward(x) == head(features(x))``. Trigger-inversion defenses split the victim there.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
 
+    def head(self, features: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.pool(features), 1))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+        return self.head(self.features(x))
 
 
 class VGG16BN(nn.Module):
@@ -109,8 +113,11 @@ class VGG16BN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(512, 512), nn.ReLU(True), nn.Linear(512, num_classes))
 
+    def head(self, features: Tensor) -> Tensor:
+        return self.classifier(features)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
+        return self.head(self.features(x))
 
 
 def resnet18(num_classes: int) -> nn.Module:

@@ -47,6 +47,14 @@ class Classifier(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.network(self.normalize(images))
 
+    def features(self, images: Tensor) -> Tensor:
+        """S_a: the output of :attr:`feature_layer` (e.g. ResNet-18's last stage, 512x4x4) for [0, 1] images."""
+        return self.network.get_submodule(self.network.feature_layer)(self.normalize(images))
+
+    def head(self, features: Tensor) -> Tensor:
+        """S_b: logits from :meth:`features`; ``head(features(x))`` equals ``forward(x)``."""
+        return self.network.head(features)
+
     def freeze(self) -> Classifier:
         """Eval mode and no gradients for good: the contract for a victim (contract 2)."""
         self.frozen = True
