@@ -31,6 +31,20 @@ def test_aux_kinds_draw_equal_per_class_subsets(tmp_path):
     assert len(clean.dataset) == 50
 
 
+def test_a_fraction_draws_that_share_of_every_class_seeded():
+    dm = DefenseDataModule(source(), SeenData(fraction=0.2, seed=3), attack=BadNets())
+    dm.setup()
+    assert dm.aux_set.labels.bincount().tolist() == [3] * 10  # 20% of the 15 seen images per class
+    again = DefenseDataModule(source(), SeenData(fraction=0.2, seed=3), attack=BadNets())
+    again.setup()
+    other = DefenseDataModule(source(), SeenData(fraction=0.2, seed=4), attack=BadNets())
+    other.setup()
+    assert torch.equal(dm.aux_set.images, again.aux_set.images)
+    assert not torch.equal(dm.aux_set.images, other.aux_set.images)
+    with pytest.raises(ConfigurationError, match="not both"):
+        SeenData(per_class=2, fraction=0.1)
+
+
 def test_reserved_aux_never_overlaps_what_the_victim_saw():
     dm = DefenseDataModule(source(), ReservedData(), attack=BadNets())
     dm.setup()

@@ -28,13 +28,20 @@ class AuxiliaryData(ABC):
     Args:
         per_class: images per class (the same for every kind, so kinds compare at equal size);
             ``None`` takes the whole pool.
+        fraction: instead of ``per_class``, this share of each class of the pool (rounded, at
+            least one image), e.g. BTI-DBF's 5% of the training set.
         seed: draws the subset.
     """
 
-    def __init__(self, per_class: int | None = None, seed: int = 0) -> None:
+    def __init__(self, per_class: int | None = None, fraction: float | None = None, seed: int = 0) -> None:
         if per_class is not None and per_class < 1:
             raise ConfigurationError(f"per_class must be >= 1, got {per_class}.")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigurationError(f"fraction must be in (0, 1], got {fraction}.")
+        if per_class is not None and fraction is not None:
+            raise ConfigurationError("Give either per_class or fraction of the auxiliary data, not both.")
         self.per_class = per_class
+        self.fraction = fraction
         self.seed = seed
 
     @abstractmethod
@@ -43,18 +50,19 @@ class AuxiliaryData(ABC):
 
     def select(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
         images, labels = self.pool(source)
-        if self.per_class is None:
+        if self.per_class is None and self.fraction is None:
             return images, labels
         generator = torch.Generator().manual_seed(self.seed)
         chosen = []
         for cls in range(source.num_classes):
             members = (labels == cls).nonzero().flatten()
-            if len(members) < self.per_class:
+            count = self.per_class or max(1, round(self.fraction * len(members)))
+            if len(members) < count:
                 raise ConfigurationError(
                     f"{type(self).__name__} has {len(members)} images of class {cls} but per_class asks for "
-                    f"{self.per_class}: lower per_class or use a larger source."
+                    f"{count}: lower per_class or use a larger source."
                 )
-            chosen.append(members[torch.randperm(len(members), generator=generator)[: self.per_class]])
+            chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
         index = torch.cat(chosen).sort().values
         return images[index], labels[index]
 
