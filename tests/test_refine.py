@@ -93,6 +93,19 @@ def test_residual_transform_starts_at_the_identity_and_learns(output_activation)
     assert net.unet.segmentation_head[0].weight.grad.abs().sum() > 0  # the zero-initialized head learns first
 
 
+def test_residual_transform_passes_finite_gradients_to_its_input_under_bf16():
+    """BTI-DBF chains two residual UNets (purifier after generator), so gradients flow into T's input;
+    bf16 once rounded 1 - eps to 1 and turned the logit's gradient into NaN for bright pixels."""
+    net = TransformNet("resnet18", 3, (16, 8, 4), residual=True)
+    images = torch.rand(4, 3, 32, 32)
+    images[:, :, :4] = 1.0  # saturated pixels, as a generator's sigmoid produces
+    images.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(images)
+    out.float().square().sum().backward()
+    assert torch.isfinite(images.grad).all()
+
+
 def test_clamped_transform_stays_in_range_and_passes_no_gradient_outside_it():
     net = TransformNet("resnet18", 3, (16, 8, 4), output_activation="clamp")
     with torch.no_grad():

@@ -95,7 +95,8 @@ class TransformNet(nn.Module):
         if self.output_activation == "clamp":
             return (images + output if self.residual else output).clamp(0, 1), encoder_logits
         if self.residual:
-            output = output + torch.logit(images.to(output.dtype), eps=1e-3)
+            # in float32: bf16 rounds 1 - eps up to 1, where the logit is infinite and its gradient NaN
+            output = output.float() + torch.logit(images.float(), eps=1e-3)
         return torch.sigmoid(output), encoder_logits
 
     def forward(self, images: Tensor) -> Tensor:
