@@ -1,6 +1,7 @@
 """Defenses: each wraps a frozen victim classifier."""
 
 from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
 from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
 
-__all__ = ["REFINE", "BlackBoxREFINE", "DefenseModule"]
+__all__ = ["REFINE", "BTIDBFPurification", "BTIDBFUnlearning", "BlackBoxREFINE", "DefenseModule"]

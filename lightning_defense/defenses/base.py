@@ -46,10 +46,13 @@ class DefenseModule(LightningModule):
     def setup(self, stage: str) -> None:
         check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
+        """Update BA/ASR of the defended model and of the victim; returns both logits."""
         images, labels = batch
-        getattr(self, f"{stage}_metrics").update(self, self(images), labels, dataloader_idx)
-        getattr(self, f"{stage}_victim_metrics").update(self, self.victim(images), labels, dataloader_idx)
+        defended, victim = self(images), self.victim(images)
+        getattr(self, f"{stage}_metrics").update(self, defended, labels, dataloader_idx)
+        getattr(self, f"{stage}_victim_metrics").update(self, victim, labels, dataloader_idx)
+        return defended, victim
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")

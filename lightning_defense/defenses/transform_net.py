@@ -28,7 +28,10 @@ class TransformNet(nn.Module):
         output_activation: ``sigmoid`` keeps gradients for pixels pushed outside [0, 1];
             ``clamp`` is the official code's choice and zeroes them.
         residual: the UNet predicts a change to the input (in logit space for ``sigmoid``), so
-            an untrained T starts at the identity instead of a random image.
+            an untrained T starts at (or near) the identity instead of a random image.
+        identity_init: with ``residual``, zero the last layer so that T starts exactly at the
+            identity. ``False`` keeps smp's random last layer: a small random change, for losses
+            whose gradient vanishes at the identity (BTI-DBF's backdoor generator).
         encoder_head_classes: > 0 adds smp's classification head (average pooling, linear) on
             the deepest encoder stage, for :class:`Refine`'s encoder loss. It only helps training:
             the defended model never uses it and :meth:`inference_state_dict` leaves it out.
@@ -43,6 +46,7 @@ class TransformNet(nn.Module):
         output_activation: OutputActivation = "sigmoid",
         residual: bool = False,
         encoder_head_classes: int = 0,
+        identity_init: bool = True,
     ) -> None:
         super().__init__()
         if len(decoder_channels) != encoder_depth:
@@ -65,7 +69,7 @@ class TransformNet(nn.Module):
             aux_params=head,
         )
         self._remove_unused_stages()
-        if residual:  # a zero change: T is exactly the identity before training
+        if residual and identity_init:  # a zero change: T is exactly the identity before training
             for parameter in self.unet.segmentation_head.parameters():
                 nn.init.zeros_(parameter)
 

@@ -1,0 +1,29 @@
+"""BTI-DBF: backdoor trigger inversion by decoupling benign features, then purification or unlearning."""
+
+from lightning_defense.defenses.btidbf.lightning_model import BTIDBF, BTIDBFPurification, BTIDBFUnlearning
+from lightning_defense.defenses.btidbf.torch_model import (
+    FeatureMask,
+    Purification,
+    Purified,
+    RoundSchedule,
+    TriggerInversion,
+    Unlearning,
+    decoupling_loss,
+    generator_loss,
+    mix_in,
+)
+
+__all__ = [
+    "BTIDBF",
+    "BTIDBFPurification",
+    "BTIDBFUnlearning",
+    "FeatureMask",
+    "Purification",
+    "Purified",
+    "RoundSchedule",
+    "TriggerInversion",
+    "Unlearning",
+    "decoupling_loss",
+    "generator_loss",
+    "mix_in",
+]

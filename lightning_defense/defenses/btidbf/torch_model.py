@@ -1,0 +1,337 @@
+"""BTI-DBF (Xu et al., ICLR 2024): backdoor trigger inversion by decoupling benign features, in plain torch.
+
+The victim is split at its feature layer, f = S_b ∘ S_a (:meth:`Classifier.features`, :meth:`Classifier.head`).
+Each round of the defense:
+
+1. **Decouple benign features**: a soft mask m over every element of S_a's output learns which
+   features the victim needs to classify the defender's labeled images (m keeps them, 1 − m
+   must not be enough).
+2. **Invert the backdoor**: a generator G (an image-to-image UNet) learns small input changes that
+   move the features outside m (the backdoor's) as far as possible while keeping the benign
+   features; the most frequent prediction on G(x) is the detected target class.
+3. **Remove it**, either (P) a purifier Ĝ (the same UNet) learns to map G(x) and x back to
+   images the victim classifies correctly, the defended model being f(Ĝ(x)), or (U) a copy of
+   the victim is fine-tuned to classify G(x) correctly (unlearning).
+
+From the second round on, G attacks the defended model of the previous round (f∘Ĝ, or the repaired
+copy) and is also pushed toward the detected target, so each round finds what the last one missed.
+Distances in input space are mean squared errors in the victim's normalized input space, as in the
+official code, so the bounds keep their published values.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.errors import ConfigurationError
+from lightning_defense.victims.classifier import Classifier
+
+PhaseName = Literal["mask", "generator", "detect", "defense"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Where an epoch falls in the schedule: its round, its phase, and its epoch within the phase."""
+
+    round: int
+    name: PhaseName
+    epoch: int
+    epochs: int
+
+    @property
+    def first_epoch(self) -> bool:
+        return self.epoch == 0
+
+    @property
+    def last_epoch(self) -> bool:
+        return self.epoch == self.epochs - 1
+
+
+class RoundSchedule:
+    """The epochs of BTI-DBF's rounds: mask, backdoor generator, one epoch of target detection,
+    then the defense (purifier or unlearning); the phase of any epoch follows from its number,
+    so an interrupted run resumes in the right phase and round."""
+
+    def __init__(self, rounds: int, mask_epochs: int, generator_epochs: int, defense_epochs: int) -> None:
+        counts = {"rounds": rounds, "mask_epochs": mask_epochs, "generator_epochs": generator_epochs}
+        for name, value in {**counts, "defense_epochs": defense_epochs}.items():
+            if value < 1:
+                raise ConfigurationError(f"BTI-DBF's {name} must be >= 1, got {value}.")
+        self.rounds = rounds
+        self.phases: tuple[tuple[PhaseName, int], ...] = (
+            ("mask", mask_epochs),
+            ("generator", generator_epochs),
+            ("detect", 1),
+            ("defense", defense_epochs),
+        )
+        self.round_epochs = sum(epochs for _, epochs in self.phases)
+        self.total_epochs = rounds * self.round_epochs
+
+    def at(self, epoch: int) -> Phase:
+        round_index, epoch = divmod(epoch, self.round_epochs)
+        if round_index >= self.rounds:
+            raise ConfigurationError(f"Epoch {epoch} is past BTI-DBF's {self.total_epochs} epochs.")
+        for name, epochs in self.phases:
+            if epoch < epochs:
+                return Phase(round_index, name, epoch, epochs)
+            epoch -= epochs
+        raise AssertionError("unreachable")
+
+
+class FeatureMask(nn.Module):
+    """m = tanh(w) / 2 + 0.5, one weight per element of S_a's output, drawn at random."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.reset()
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+
+    def forward(self) -> Tensor:
+        return torch.tanh(self.weight) / (2 + 1e-7) + 0.5  # the margin keeps m inside (0, 1)
+
+
+class Purified(nn.Module):
+    """f(Ĝ(x)): the victim behind the purifier, split like a classifier."""
+
+    def __init__(self, victim: Classifier, purifier: TransformNet) -> None:
+        super().__init__()
+        self.victim, self.purifier = victim, purifier
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return self.victim.normalize(images)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.victim.features(self.purifier(images))
+
+    def head(self, features: Tensor) -> Tensor:
+        return self.victim.head(features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+
+SplitModel = Classifier | Purified
+
+
+def mix_in(images: Tensor, generated: Tensor, fraction: float) -> Tensor:
+    """``images`` with a random ``fraction`` of them (at least one) replaced by their generated version."""
+    count = min(len(images), math.ceil(fraction * len(images)))
+    index = torch.randperm(len(images), device=images.device)[:count]
+    mixed = images.clone()
+    mixed[index] = generated[index].to(mixed.dtype)
+    return mixed
+
+
+def input_distance(model: SplitModel, images: Tensor, other: Tensor) -> Tensor:
+    """Mean squared distance in the victim's normalized input space."""
+    return F.mse_loss(model.normalize(other).float(), model.normalize(images).float())
+
+
+def decoupling_loss(model: SplitModel, mask: FeatureMask, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Step 1: CE(S_b(S_a(x) ⊙ m), y) − CE(S_b(S_a(x) ⊙ (1 − m)), y)."""
+    with torch.no_grad():
+        features = model.features(images)
+    m = mask()
+    kept = F.cross_entropy(model.head(features * m).float(), labels)
+    left = F.cross_entropy(model.head(features * (1 - m)).float(), labels)
+    return {"loss": kept - left, "benign_ce": kept, "complement_ce": left}
+
+
+def generator_loss(
+    model: SplitModel,
+    mask: Tensor,
+    generator: TransformNet,
+    images: Tensor,
+    input_bound: float,
+    feature_bound: float,
+    benign_weight: float,
+    target: int | None = None,
+) -> dict[str, Tensor]:
+    """Step 2: while G(x) stays within ``input_bound`` of x and its benign features within
+    ``feature_bound``, push the backdoor features (1 − m) away and keep the benign ones (m);
+    outside the bounds the loss is the input distance alone, pulling G back. ``target`` (from the
+    second round) adds the cross-entropy of the model's prediction on G(x) toward it."""
+    generated = generator(images)
+    with torch.no_grad():
+        clean = model.features(images).float()
+    features = model.features(generated)
+    moved = features.float() - clean
+    parts = {
+        "input_distance": input_distance(model, images, generated),
+        "benign_distance": (mask * moved).pow(2).mean(),
+        "backdoor_distance": ((1 - mask) * moved).pow(2).mean(),
+    }
+    outside = parts["input_distance"] > input_bound or parts["benign_distance"] > feature_bound
+    if outside:
+        loss = parts["input_distance"]
+    else:
+        loss = -parts["backdoor_distance"] + benign_weight * parts["benign_distance"]
+    if target is not None:
+        targets = torch.full((len(images),), target, device=images.device)
+        parts["target_ce"] = F.cross_entropy(model.head(features).float(), targets)
+        loss = loss + parts["target_ce"]
+    return {"loss": loss, **parts, "outside_bounds": torch.tensor(float(outside))}
+
+
+class TriggerInversion(nn.Module):
+    """Steps 1 and 2 and the target detection, shared by purification and unlearning; subclasses
+    add step 3 (:meth:`defense_loss`) and say what the defended model is (:meth:`defended`).
+
+    Args:
+        victim: the frozen classifier f.
+        generator: G; a residual :class:`TransformNet` starts as the identity, which replaces the
+            official code's pretraining of G toward the identity.
+        input_bound, feature_bound: the bounds of :func:`generator_loss` (official: 0.3 and 3).
+        benign_weight: weight of the benign-feature distance in G's loss (official: 0.01).
+        vote_noise: standard deviation of the noise added to x before the target vote, in the
+            victim's normalized input space (official: 0.03).
+        poison_fraction: share of each batch replaced by G(x) in step 3 (official: 0.1).
+        image_size: of the victim's inputs, which sets the shape of the feature mask.
+    """
+
+    def __init__(
+        self,
+        victim: Classifier,
+        generator: TransformNet,
+        input_bound: float = 0.3,
+        feature_bound: float = 3.0,
+        benign_weight: float = 0.01,
+        vote_noise: float = 0.03,
+        poison_fraction: float = 0.1,
+        image_size: tuple[int, int] = (32, 32),
+    ) -> None:
+        super().__init__()
+        if not 0 < poison_fraction <= 1:
+            raise ConfigurationError(f"poison_fraction must be in (0, 1], got {poison_fraction}.")
+        self.victim = victim.freeze()
+        self.generator = generator
+        with torch.no_grad():
+            shape = victim.features(torch.zeros(1, 3, *image_size)).shape[1:]
+        self.feature_mask = FeatureMask(tuple(shape))
+        self.input_bound, self.feature_bound = input_bound, feature_bound
+        self.benign_weight = benign_weight
+        self.vote_noise = vote_noise
+        self.poison_fraction = poison_fraction
+        # -1 until the first detection; a buffer, so it is saved and restored with the weights
+        self.register_buffer("detected_target", torch.tensor(-1))
+
+    @abstractmethod
+    def defended(self) -> SplitModel:
+        """The defended model so far, which steps 1 and 2 of the next round attack."""
+
+    @abstractmethod
+    def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Step 3 on a labeled batch."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.defended()(images)
+
+    def mask_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        return decoupling_loss(self.defended(), self.feature_mask, images, labels)
+
+    def generator_loss(self, images: Tensor, round_index: int) -> dict[str, Tensor]:
+        target = int(self.detected_target) if round_index > 0 and self.detected_target >= 0 else None
+        with torch.no_grad():
+            mask = self.feature_mask()
+        return generator_loss(
+            self.defended(),
+            mask,
+            self.generator,
+            images,
+            self.input_bound,
+            self.feature_bound,
+            self.benign_weight,
+            target,
+        )
+
+    @torch.no_grad()
+    def target_votes(self, images: Tensor) -> Tensor:
+        """How often each class is predicted on G(x + noise): the detected target is the top one."""
+        model = self.defended()
+        std = self.victim.std.to(images.device)
+        noisy = (images + self.vote_noise * std * torch.randn_like(images)).clamp(0, 1)
+        predictions = model(self.generator(noisy)).argmax(dim=1)
+        return torch.bincount(predictions, minlength=self.victim.num_classes)
+
+    def generated_and_mixed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """G(x) (no gradient) and the batch with ``poison_fraction`` of it replaced by G(x)."""
+        with torch.no_grad():
+            generated = self.generator(images).to(images.dtype)
+        return generated, mix_in(images, generated, self.poison_fraction)
+
+
+class Purification(TriggerInversion):
+    """BTI-DBF (P): step 3 trains a purifier Ĝ; the defended model is f(Ĝ(x)).
+
+    Its loss is, for the generated batch G(x) and for the benign batch (``poison_fraction`` of it
+    replaced by G(x)): CE(f(Ĝ(·)), y) + ‖S_a(x) − S_a(Ĝ(·))‖² + ``input_weight``·‖x − Ĝ(·)‖²
+    (mean squared errors, input distance in the victim's normalized space).
+    """
+
+    def __init__(
+        self, victim: Classifier, generator: TransformNet, purifier: TransformNet, input_weight: float = 1.0, **kwargs
+    ) -> None:
+        super().__init__(victim, generator, **kwargs)
+        self.purifier = purifier
+        self.input_weight = input_weight
+
+    def defended(self) -> Purified:
+        return Purified(self.victim, self.purifier)  # a view, built per call: no second copy in the state dict
+
+    def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        generated, mixed = self.generated_and_mixed(images)
+        with torch.no_grad():
+            clean_features = self.victim.features(images).float()
+        parts = {}
+        for name, inputs in (("poisoned", generated), ("benign", mixed)):
+            purified = self.purifier(inputs)
+            features = self.victim.features(purified)
+            parts[f"{name}_ce"] = F.cross_entropy(self.victim.head(features).float(), labels)
+            parts[f"{name}_feature_distance"] = F.mse_loss(features.float(), clean_features)
+            parts[f"{name}_input_distance"] = input_distance(self.victim, images, purified)
+        loss = sum(
+            parts[f"{name}_ce"]
+            + parts[f"{name}_feature_distance"]
+            + self.input_weight * parts[f"{name}_input_distance"]
+            for name in ("poisoned", "benign")
+        )
+        return {"loss": loss, **parts}
+
+
+class Unlearning(TriggerInversion):
+    """BTI-DBF (U): step 3 fine-tunes a copy of the victim (the victim itself stays untouched) on
+    batches where ``poison_fraction`` of the images are G(x) with their true labels, plus the
+    distance between the copy's features of the clean and of the mixed batch. The defended model
+    is the repaired copy."""
+
+    def __init__(self, victim: Classifier, generator: TransformNet, **kwargs) -> None:
+        super().__init__(victim, generator, **kwargs)
+        repaired = copy.deepcopy(self.victim)
+        repaired.frozen = False
+        self.repaired = repaired.requires_grad_(True)
+
+    def defended(self) -> Classifier:
+        return self.repaired
+
+    def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        _, mixed = self.generated_and_mixed(images)
+        clean_features = self.repaired.features(images)
+        mixed_features = self.repaired.features(mixed)
+        parts = {
+            "ce": F.cross_entropy(self.repaired.head(mixed_features).float(), labels),
+            "feature_distance": F.mse_loss(mixed_features.float(), clean_features.float()),
+        }
+        return {"loss": parts["ce"] + parts["feature_distance"], **parts}

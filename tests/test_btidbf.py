@@ -1,0 +1,224 @@
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_defense.attacks import BadNets
+from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
+from lightning_defense.defenses.btidbf import (
+    BTIDBFPurification,
+    BTIDBFUnlearning,
+    FeatureMask,
+    RoundSchedule,
+    decoupling_loss,
+    generator_loss,
+)
+from lightning_defense.victims import Classifier, VictimMetadata, load_victim, save_victim
+
+TINY_UNET = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
+
+
+def toy_victim(seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier("resnet20", 10).freeze()
+
+
+def victim_file(tmp_path: Path) -> str:
+    path = tmp_path / "victim.safetensors"
+    save_victim(path, toy_victim(), VictimMetadata("resnet20", 10, attack=BadNets(target=3).config()))
+    return str(path)
+
+
+def data(victim: str) -> DefenseDataModule:
+    source = SyntheticDataModule(train_per_class=4, test_per_class=2, reserved_fraction=0.0)
+    return DefenseDataModule(source, SeenData(), victim=victim, batch_size=8)
+
+
+def test_schedule_maps_every_epoch_to_its_round_and_phase():
+    schedule = RoundSchedule(rounds=2, mask_epochs=2, generator_epochs=3, defense_epochs=4)
+    assert schedule.round_epochs == 10 and schedule.total_epochs == 20
+    names = [schedule.at(e).name for e in range(10)]
+    assert names == ["mask"] * 2 + ["generator"] * 3 + ["detect"] + ["defense"] * 4
+    phase = schedule.at(13)
+    assert (phase.round, phase.name, phase.epoch, phase.epochs) == (1, "generator", 1, 3)
+    assert schedule.at(19).last_epoch and schedule.at(10).first_epoch
+    with pytest.raises(ValueError, match="past"):
+        schedule.at(20)
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        RoundSchedule(0, 1, 1, 1)
+
+
+def test_mask_stays_in_the_open_unit_interval_and_its_loss_decreases():
+    victim = toy_victim()
+    images = torch.rand(32, 3, 32, 32)
+    labels = victim(images).argmax(dim=1)  # labels the victim can explain
+    mask = FeatureMask(tuple(victim.features(images[:1]).shape[1:]))
+    optimizer = torch.optim.Adam(mask.parameters(), lr=0.01)
+    losses = []
+    for _ in range(15):
+        loss = decoupling_loss(victim, mask, images, labels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.01
+    values = mask()
+    assert values.min() > 0 and values.max() < 1
+    assert victim.features(images[:1]).shape[1:] == values.shape  # one weight per feature element
+
+
+class Shift(torch.nn.Module):
+    """A generator that adds a learnable constant to every pixel."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(shift))
+
+    def forward(self, images):
+        return images + self.shift
+
+
+def test_generator_far_from_the_input_is_pulled_back_by_the_input_distance_alone():
+    victim = toy_victim()
+    images = torch.rand(8, 3, 32, 32)
+    mask = torch.full(victim.features(images[:1]).shape[1:], 0.5)
+    far = generator_loss(victim, mask, Shift(0.5), images, input_bound=0.3, feature_bound=1e9, benign_weight=0.01)
+    assert far["outside_bounds"] == 1
+    assert far["input_distance"] > 0.3 and far["loss"] == far["input_distance"]
+    far["loss"].backward()
+    near = generator_loss(victim, mask, Shift(0.01), images, input_bound=0.3, feature_bound=1e9, benign_weight=0.01)
+    assert near["outside_bounds"] == 0
+    expected = -near["backdoor_distance"] + 0.01 * near["benign_distance"]
+    torch.testing.assert_close(near["loss"], expected)
+    # the benign-feature bound switches too
+    tight = generator_loss(victim, mask, Shift(0.01), images, input_bound=0.3, feature_bound=0.0, benign_weight=0.01)
+    assert tight["loss"] == tight["input_distance"]
+    # from the second round the target's cross-entropy is added
+    pushed = generator_loss(victim, mask, Shift(0.01), images, 0.3, 1e9, 0.01, target=4)
+    torch.testing.assert_close(pushed["loss"], expected + pushed["target_ce"])
+
+
+def tiny_trainer(tmp_path: Path, **kwargs) -> Trainer:
+    defaults = {
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "enable_checkpointing": False,
+    }
+    return Trainer(**{**defaults, **kwargs})
+
+
+def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense(tmp_path):
+    from lightning_defense.defenses.refine.deploy import load_defended
+
+    victim = victim_file(tmp_path)
+    module = BTIDBFPurification(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
+    purifier_before = [p.clone() for p in module.model.purifier.parameters()]
+    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4)
+    trainer.fit(module, data(victim))
+    assert trainer.current_epoch == 4  # the schedule set max_epochs: 1 + 1 + 1 (vote) + 1
+    original = load_victim(victim).state_dict()
+    assert all(torch.equal(module.victim.state_dict()[k], v) for k, v in original.items())  # weights and BN buffers
+    assert any(not torch.equal(a, b) for a, b in zip(purifier_before, module.model.purifier.parameters()))
+    assert 0 <= int(module.model.detected_target) < 10
+    metrics = trainer.callback_metrics
+    assert {"val/ba", "val/victim_asr", "val/dsr", "val/detection_f1", "val/generated_feature_distance"} <= set(metrics)
+    assert float(metrics["val/dsr"]) == float(int(module.model.detected_target) == 3)
+    deployed = load_defended(tmp_path / "defended.safetensors")
+    images = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(deployed(images), module.eval()(images), atol=1e-5, rtol=1e-4)
+
+
+def test_unlearning_changes_only_the_copy_and_writes_a_repaired_victim_file(tmp_path):
+    victim = victim_file(tmp_path)
+    module = BTIDBFUnlearning(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
+    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4)
+    trainer.fit(module, data(victim))
+    original = load_victim(victim).state_dict()
+    assert all(torch.equal(module.victim.state_dict()[k], v) for k, v in original.items())
+    repaired = module.model.repaired.state_dict()
+    assert any(not torch.equal(repaired[k], v) for k, v in original.items())
+    exported = load_victim(tmp_path / "repaired_victim.safetensors")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in repaired.items())
+    assert not module.victim.training  # the victim never left eval mode
+
+
+class StopAfter(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+class RecordStart(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not hasattr(self, "phase"):
+            self.phase = pl_module.phase
+            self.detected_target = int(pl_module.model.detected_target)
+            self.steps = [
+                max((s.get("step", torch.tensor(0)).item() for s in o.optimizer.state.values()), default=0)
+                for o in pl_module.optimizers()
+            ]
+
+
+def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_path):
+    victim = victim_file(tmp_path)
+    settings = {"rounds": 2, "mask_epochs": 1, "generator_epochs": 3, "defense_epochs": 1, **TINY_UNET}
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = BTIDBFUnlearning(victim, **settings)
+    # stop inside round 2's generator phase: epochs 0-5 are round 1, 6 is round 2's mask, 7-9 its generator
+    trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[checkpoints, StopAfter(7)])
+    trainer.fit(first, data(victim))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["btidbf"]["round"] == 1 and saved["btidbf"]["phase"] == "generator"
+    assert saved["btidbf"]["epoch_in_phase"] == 0
+    generator_steps = max(s["step"].item() for s in saved["optimizer_states"][1]["state"].values())
+    assert generator_steps == 2 * 4  # 4 generator epochs of 2 steps so far
+
+    resumed = BTIDBFUnlearning(victim, **settings)
+    record = RecordStart()
+    trainer = tiny_trainer(tmp_path, callbacks=[record])
+    trainer.fit(resumed, data(victim), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert (record.phase.round, record.phase.name, record.phase.epoch) == (1, "generator", 1)
+    assert record.steps[1] == generator_steps  # the generator's Adam continues, not restarts
+    assert record.steps[2] == 2  # and so does the unlearning optimizer (round 1's epoch)
+    assert record.detected_target == int(first.model.detected_target)  # round 1's vote, restored
+    assert set(resumed.phase_seconds) == {"mask", "generator", "detect", "defense"}
+    assert trainer.current_epoch == 12
+
+
+@pytest.mark.parametrize("config", ["btidbf_p.yaml", "btidbf_u.yaml"])
+def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
+    """The embedded defaults as users run them (shipped victim, embedded data), cut to a few steps."""
+    repo = Path(__file__).resolve().parents[1]
+    short = ["--model.init_args.rounds", "2", "--model.init_args.mask_epochs", "1"]
+    short += ["--model.init_args.generator_epochs", "1", "--model.init_args.defense_epochs", "1"]
+    short += ["--model.init_args.decoder_channels", "[16, 8, 4, 4]", "--trainer.check_val_every_n_epoch", "4"]
+    command = [
+        sys.executable, "-m", "lightning_defense", "fit", "--config", str(repo / "configs" / config), *short,
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert len(re.findall(r"BTI-DBF round \d: detected target class \d", output)) == 2
+    assert re.search(r"victim BA \d+\.\d\d% / ASR \d+\.\d\d%  ->  defended BA \d+\.\d\d% / ASR \d+\.\d\d%", output)
+    assert "BTI-DBF wall time per phase: mask" in output
+    run = next((tmp_path / "runs").glob("*/version_0"))
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/ba", "val/asr", "val/dsr", "val/detection_f1", "train/generator_loss"} <= set(header)
+    exported = "defended.safetensors" if config == "btidbf_p.yaml" else "repaired_victim.safetensors"
+    assert (run / exported).is_file()
