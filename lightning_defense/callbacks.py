@@ -8,9 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+# a figure row: its label, [0, 1] images, and one title per image
+FigureRow = tuple[str, Tensor, list[str]]
 
 
 def run_folder(trainer: Trainer) -> Path:
@@ -69,3 +74,50 @@ class PredictionWriter(BasePredictionWriter):
             writer.writerow(["index", "prediction"])
             writer.writerows(rows)
         rank_zero_info(f"Predictions written to {path}")
+
+
+class TransformGrid(Callback):
+    """After each validation, save ``transforms/epoch_NNN.png`` in the run folder: a few clean and
+    poisoned test images and what the defense does with them, as rows the module draws with
+    ``figure_rows(name, images)`` (REFINE: T(x), the paper's figure 6; BTI-DBF: the inverted
+    trigger G(x) and the purified images). Titles give the predictions.
+
+    Args:
+        num_images: images per row, evenly spaced through each evaluation set (the same every epoch).
+    """
+
+    def __init__(self, num_images: int = 8) -> None:
+        self.num_images = num_images
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        folder = run_folder(trainer) / "transforms"  # on every rank: it is a collective under DDP
+        if not trainer.is_global_zero:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        datamodule = trainer.datamodule
+        rows: list[FigureRow] = []
+        for name, dataset in (("clean", datamodule.test_set), ("poisoned", datamodule.poisoned_test_set)):
+            if dataset is None:
+                continue
+            spread = torch.linspace(0, len(dataset) - 1, self.num_images).long()  # sets are sorted by class
+            images = dataset.images[spread].float().div(255).to(pl_module.device)
+            rows += pl_module.figure_rows(name, images)
+        figure, axes = plt.subplots(len(rows), self.num_images, figsize=(1.4 * self.num_images, 1.6 * len(rows)))
+        for row, (name, images, titles) in zip(axes, rows):
+            for ax, image, title in zip(row, images, titles):
+                ax.imshow(image.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                ax.set_title(title, fontsize=7)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            row[0].set_ylabel(name, fontsize=8)
+        figure.suptitle(f"epoch {trainer.current_epoch}", fontsize=9)
+        folder.mkdir(parents=True, exist_ok=True)
+        figure.savefig(folder / f"epoch_{trainer.current_epoch:03d}.png", dpi=100, bbox_inches="tight")
+        plt.close(figure)

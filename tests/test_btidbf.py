@@ -11,6 +11,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_defense.attacks import BadNets
+from lightning_defense.callbacks import TransformGrid
 from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
 from lightning_defense.defenses.btidbf import (
     BTIDBFPurification,
@@ -124,7 +125,7 @@ def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense
     victim = victim_file(tmp_path)
     module = BTIDBFPurification(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
     purifier_before = [p.clone() for p in module.model.purifier.parameters()]
-    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4)
+    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4, callbacks=[TransformGrid(num_images=4)])
     trainer.fit(module, data(victim))
     assert trainer.current_epoch == 4  # the schedule set max_epochs: 1 + 1 + 1 (vote) + 1
     original = load_victim(victim).state_dict()
@@ -134,6 +135,7 @@ def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense
     metrics = trainer.callback_metrics
     assert {"val/ba", "val/victim_asr", "val/dsr", "val/detection_f1", "val/generated_feature_distance"} <= set(metrics)
     assert float(metrics["val/dsr"]) == float(int(module.model.detected_target) == 3)
+    assert (tmp_path / "transforms" / "epoch_003.png").stat().st_size > 1000  # G(x) and Ĝ(x) drawn
     deployed = load_defended(tmp_path / "defended.safetensors")
     images = torch.rand(4, 3, 32, 32)
     torch.testing.assert_close(deployed(images), module.eval()(images), atol=1e-5, rtol=1e-4)

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryPrecision, BinaryRecall
 
-from lightning_defense.callbacks import run_folder
+from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf.torch_model import (
     Phase,
@@ -237,6 +237,20 @@ class BTIDBF(DefenseModule):
 
     # -- evaluation -------------------------------------------------------------------------------
 
+    def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
+        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's and
+        the defended model's predictions; for clean images also the inverted trigger G(x) and its
+        change, magnified, with the victim's prediction on G(x)."""
+        victim, defended = self.victim(images).argmax(1), self(images).argmax(1)
+        rows = [(name, images, [f"f: {int(v)}, defended: {int(d)}" for v, d in zip(victim, defended)])]
+        if name == "clean":
+            generated = self.model.generator(images).float()
+            on_generated = self.victim(generated).argmax(1)
+            change = ((generated - images) * 5 + 0.5).clamp(0, 1)  # x5 around grey
+            rows.append(("G(clean)", generated, [f"f: {int(p)}" for p in on_generated]))
+            rows.append(("G(x) - x, x5", change, ["" for _ in images]))
+        return rows
+
     def _evaluate_btidbf(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
         defended, victim = self._evaluate(batch, dataloader_idx, stage)
         flagged = defended.argmax(dim=1) != victim.argmax(dim=1)
@@ -308,6 +322,11 @@ class BTIDBFPurification(BTIDBF):
 
     def defense_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.purifier.parameters())
+
+    def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
+        purified = self.model.purifier(images).float()
+        predictions = self(images).argmax(1)
+        return [*super().figure_rows(name, images), (f"Ĝ({name})", purified, [f"f∘Ĝ: {int(p)}" for p in predictions])]
 
     def export(self, folder: Path) -> Path:
         pipeline = Refine(self.victim, self.model.purifier, LabelPermutation(self.victim.num_classes, enabled=False))

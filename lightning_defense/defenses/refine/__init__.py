@@ -1,6 +1,6 @@
 """REFINE: input transformation + label permutation around a frozen victim."""
 
-from lightning_defense.defenses.refine.callbacks import TransformGrid
+from lightning_defense.callbacks import TransformGrid  # its home before BTI-DBF drew figures too
 from lightning_defense.defenses.refine.deploy import load_defended, save_defended
 from lightning_defense.defenses.refine.lightning_model import REFINE, BlackBoxREFINE
 from lightning_defense.defenses.refine.torch_model import (

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_defense.callbacks import run_folder
+from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
@@ -93,6 +93,16 @@ class REFINE(DefenseModule):
         losses = self.model.loss(images)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
+
+    def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
+        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's
+        predictions, and T(images) with the defended model's."""
+        transformed = self.model.transform_net(images).float()
+        victim, defended = self.victim(images).argmax(1), self(images).argmax(1)
+        return [
+            (name, images, [f"F: {int(p)}" for p in victim]),
+            (f"T({name})", transformed, [f"M∘F∘T: {int(p)}" for p in defended]),
+        ]
 
     def transform_config(self) -> dict[str, Any]:
         """T's settings: what :class:`TransformNet` needs to be rebuilt from an export (without
