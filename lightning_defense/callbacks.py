@@ -25,24 +25,25 @@ def run_folder(trainer: Trainer) -> Path:
 
 
 class EpochSummary(Callback):
-    """One line per training epoch with the logged metrics and the elapsed time, for runs whose
-    output goes to a file, where a live progress bar shows nothing until the end. Validation
-    metrics appear on the epochs that validated (``check_val_every_n_epoch`` may skip some)."""
+    """One line per training epoch with the metrics logged in that epoch and the elapsed time, for
+    runs whose output goes to a file, where a live progress bar shows nothing until the end.
+    Metrics not logged this epoch are left out: validation on epochs that skip it
+    (``check_val_every_n_epoch``), and the parts of a phased defense (BTI-DBF) that are idle."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start = time.monotonic()
-        self.validated = False
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.validated = not trainer.sanity_checking
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.before = dict(trainer.callback_metrics)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning runs the epoch's validation before this hook, so its metrics are fresh here
-        fresh = {k: v for k, v in trainer.callback_metrics.items() if self.validated or not k.startswith("val/")}
+        # Lightning runs the epoch's validation before this hook, so its metrics are fresh here;
+        # a metric logged this epoch is a new tensor, one that was not is the same object as before
+        before = getattr(self, "before", {})
+        fresh = {k: v for k, v in trainer.callback_metrics.items() if before.get(k) is not v}
         metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(fresh.items()))
         elapsed = time.monotonic() - getattr(self, "start", time.monotonic())
         rank_zero_info(f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} [{elapsed / 60:.1f} min]: {metrics}")
-        self.validated = False
 
 
 class PredictionWriter(BasePredictionWriter):

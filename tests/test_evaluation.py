@@ -37,24 +37,25 @@ def test_prefix_names_the_undefended_victim():
     assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"
 
 
-def test_epoch_summary_prints_every_epoch_and_validation_metrics_only_when_fresh(caplog):
+def test_epoch_summary_prints_every_epoch_with_only_the_metrics_logged_in_it(caplog):
     import logging
     from types import SimpleNamespace
 
     from lightning_defense.callbacks import EpochSummary
 
-    trainer = SimpleNamespace(
-        current_epoch=0, max_epochs=3, sanity_checking=False,
-        callback_metrics={"train/loss": torch.tensor(1.5), "val/ba": torch.tensor(0.25)},
-    )
+    metrics = {"train/mask_loss": torch.tensor(0.5), "train/loss": torch.tensor(1.5), "val/ba": torch.tensor(0.25)}
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=3, sanity_checking=False, callback_metrics=metrics)
     summary = EpochSummary()
     with caplog.at_level(logging.INFO):
         summary.on_fit_start(trainer, None)
-        summary.on_train_epoch_end(trainer, None)  # no validation this epoch: val/ba is stale
+        summary.on_train_epoch_start(trainer, None)
+        metrics["train/loss"] = torch.tensor(1.25)  # logged this epoch; no validation, no mask phase
+        summary.on_train_epoch_end(trainer, None)
         trainer.current_epoch = 1
-        summary.on_validation_epoch_end(trainer, None)
+        summary.on_train_epoch_start(trainer, None)
+        metrics["train/loss"], metrics["val/ba"] = torch.tensor(1.0), torch.tensor(0.5)
         summary.on_train_epoch_end(trainer, None)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert len(lines) == 2
-    assert "train/loss 1.5000" in lines[0] and "val/ba" not in lines[0]
-    assert lines[1].startswith("epoch 1/2") and "val/ba 0.2500" in lines[1]
+    assert "train/loss 1.2500" in lines[0] and "val/ba" not in lines[0] and "mask" not in lines[0]
+    assert lines[1].startswith("epoch 1/2") and "val/ba 0.5000" in lines[1] and "mask" not in lines[1]
