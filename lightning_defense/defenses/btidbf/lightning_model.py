@@ -286,9 +286,10 @@ class BTIDBF(DefenseModule):
         detected = int(self.model.detected_target)
         attack = getattr(self.trainer.datamodule, "attack", None)
         if detected >= 0:
-            self.log(f"{stage}/detected_target", float(detected))
+            # the same on every rank; sync_dist only keeps Lightning from warning under DDP
+            self.log(f"{stage}/detected_target", float(detected), sync_dist=True)
             if attack is not None and attack.label_mode == "all_to_one":
-                self.log(f"{stage}/dsr", float(detected == attack.target))
+                self.log(f"{stage}/dsr", float(detected == attack.target), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_btidbf("val")
