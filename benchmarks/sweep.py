@@ -70,6 +70,7 @@ def summarize(name: str, cmd: list[str], out: Path) -> dict:
                     last[key] = float(value)
     timing = out / "logs" / f"{name}.time"
     wall = float(timing.read_text()) if timing.is_file() else None
+    phases = sorted((out / "runs" / name).glob("version_*/phase_seconds.json"))  # phased defenses (BTI-DBF)
     return {
         "name": name,
         "command": shlex.join(cmd),
@@ -78,6 +79,7 @@ def summarize(name: str, cmd: list[str], out: Path) -> dict:
         "validated_after_epoch": validated,
         "last": last,
         "curves": curves,
+        "phase_seconds": json.loads(phases[-1].read_text()) if phases else None,
     }
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -224,3 +225,5 @@ def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     assert {"val/ba", "val/asr", "val/dsr", "val/detection_f1", "train/generator_loss"} <= set(header)
     exported = "defended.safetensors" if config == "btidbf_p.yaml" else "repaired_victim.safetensors"
     assert (run / exported).is_file()
+    phase_seconds = json.loads((run / "phase_seconds.json").read_text())
+    assert set(phase_seconds) == {"mask", "generator", "detect", "defense"} and min(phase_seconds.values()) > 0

@@ -3,6 +3,7 @@ is in :mod:`.torch_model`."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,6 +230,7 @@ class BTIDBF(DefenseModule):
         folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP
         if self.trainer.is_global_zero:
             path = self.export(folder)
+            (folder / "phase_seconds.json").write_text(json.dumps(self.phase_seconds, indent=1))
             seconds = ", ".join(f"{name} {s / 60:.1f} min" for name, s in self.phase_seconds.items())
             rank_zero_info(f"BTI-DBF wall time per phase: {seconds}. Defense written to {path}")
 
