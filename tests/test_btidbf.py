@@ -156,6 +156,15 @@ def test_unlearning_changes_only_the_copy_and_writes_a_repaired_victim_file(tmp_
     assert not module.victim.training  # the victim never left eval mode
 
 
+def test_a_single_optimizer_from_the_config_is_refused_with_the_fix(tmp_path):
+    victim = victim_file(tmp_path)
+    module = BTIDBFUnlearning(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
+    # what LightningCLI does with an `optimizer:` section
+    module.configure_optimizers = lambda: torch.optim.Adam(module.parameters())
+    with pytest.raises(ValueError, match="remove the `optimizer:`/`lr_scheduler:` section"):
+        tiny_trainer(tmp_path).fit(module, data(victim))
+
+
 class StopAfter(Callback):
     def __init__(self, epoch: int) -> None:
         self.epoch = epoch

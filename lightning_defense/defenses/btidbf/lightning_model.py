@@ -27,6 +27,7 @@ from lightning_defense.defenses.btidbf.torch_model import (
 from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
 from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import Classifier, load_victim, read_victim_metadata, save_victim
 from lightning_defense.victims.victim_file import VictimMetadata
 
@@ -138,6 +139,11 @@ class BTIDBF(DefenseModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if "configure_optimizers" in vars(self):  # LightningCLI patches it in for an `optimizer:` section
+            raise ConfigurationError(
+                "BTI-DBF trains each part with its own optimizer: remove the `optimizer:`/`lr_scheduler:` "
+                "section of the config and set model.init_args.mask_lr, generator_lr and defense_lr instead."
+            )
         if stage == "fit" and self.trainer.max_epochs != self.schedule.total_epochs:
             rank_zero_info(
                 f"BTI-DBF: {self.schedule.rounds} rounds of {self.schedule.round_epochs} epochs, "
