@@ -102,16 +102,26 @@ def run(name: str, cmd: list[str], out: Path, env: dict[str, str]) -> None:
 
 def table(results: list[dict]) -> str:
     keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr"]
-    lines = [
-        "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (after epoch) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (after epoch) |"
+    # trigger-inversion defenses (BTI-DBF) also report the detected target, detection and phase times
+    detection = any("val/dsr" in r["last"] for r in results)
+    if detection:
+        header += " detected target (DSR) | detection F1 % | mask / generator / vote / defense min |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         values = [f"{100 * r['last'][k]:.2f}" if k in r["last"] else "–" for k in keys]
         ba = r["curves"].get("val/ba", [])
         best = f"{100 * max(ba):.2f} ({r['validated_after_epoch'][ba.index(max(ba))]})" if ba else "–"
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "–"
-        lines.append(f"| {r['name']} | {r['epochs']} | {wall} | {' | '.join(values)} | {best} |")
+        line = f"| {r['name']} | {r['epochs']} | {wall} | {' | '.join(values)} | {best} |"
+        if detection:
+            last, phases = r["last"], r.get("phase_seconds") or {}
+            target = f"{last['val/detected_target']:.0f} ({last['val/dsr']:.0f})" if "val/dsr" in last else "–"
+            f1 = f"{100 * last['val/detection_f1']:.2f}" if "val/detection_f1" in last else "–"
+            order = ("mask", "generator", "detect", "defense")
+            times = " / ".join(f"{phases[p] / 60:.1f}" for p in order if p in phases)
+            line += f" {target} | {f1} | {times or '–'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
