@@ -50,8 +50,9 @@ class BTIDBF(DefenseModule):
     Validation logs, besides BA/ASR of the defended model and the victim: ``detected_target`` and
     ``dsr`` (1 when it is the attack's target), detection precision/recall/F1 (an input is flagged
     poisoned when the victim and the defended model disagree; clean test images are the negatives,
-    poisoned ones the positives), and the S_a feature distance between G(x) and the true poisoned
-    x (beside that of clean x, for scale).
+    poisoned ones the positives), the S_a feature distance between G(x) and the true poisoned x
+    (beside that of clean x, for scale), and the cosine between the feature changes that G and the
+    real trigger make (``generated_trigger_cosine``: 1 when G moves the features the trigger's way).
 
     Args:
         victim: path of the frozen victim.
@@ -105,6 +106,7 @@ class BTIDBF(DefenseModule):
             setattr(self, f"{stage}_detection", detection)
             setattr(self, f"{stage}_generated_distance", MeanMetric())
             setattr(self, f"{stage}_trigger_distance", MeanMetric())
+            setattr(self, f"{stage}_trigger_cosine", MeanMetric())
         self.phase_seconds: dict[str, float] = {}
 
     def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, float]) -> TriggerInversion:
@@ -275,6 +277,9 @@ class BTIDBF(DefenseModule):
         clean = self.victim.features(images).float().flatten(1)
         getattr(self, f"{stage}_generated_distance").update((generated - poisoned).pow(2).mean(dim=1))
         getattr(self, f"{stage}_trigger_distance").update((clean - poisoned).pow(2).mean(dim=1))
+        # does G move the features the way the real trigger does? (1: same direction, 0: unrelated)
+        cosine = torch.nn.functional.cosine_similarity(generated - clean, poisoned - clean, dim=1)
+        getattr(self, f"{stage}_trigger_cosine").update(cosine)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_btidbf(batch, dataloader_idx, "val")
@@ -286,10 +291,12 @@ class BTIDBF(DefenseModule):
         detection = getattr(self, f"{stage}_detection")
         self.log_dict(detection.compute())
         detection.reset()
-        for name in ("generated", "trigger"):
-            metric = getattr(self, f"{stage}_{name}_distance")
+        names = {"generated_distance": "generated_feature_distance", "trigger_distance": "trigger_feature_distance"}
+        names["trigger_cosine"] = "generated_trigger_cosine"
+        for attribute, key in names.items():
+            metric = getattr(self, f"{stage}_{attribute}")
             if metric.update_count:
-                self.log(f"{stage}/{name}_feature_distance", metric.compute())
+                self.log(f"{stage}/{key}", metric.compute())
             metric.reset()
         detected = int(self.model.detected_target)
         attack = getattr(self.trainer.datamodule, "attack", None)
