@@ -24,7 +24,7 @@ from lightning_defense.errors import UntrustedCheckpointError, UserInputError
 
 class DefenseCLI(LightningCLI):
     """LightningCLI with the project's defaults: seed 0, rich progress bar, CSV logs under
-    ``runs/``, and a checkpoint callback that always keeps ``last.ckpt``."""
+    ``runs/``, and a checkpoint callback that writes ``last.ckpt`` after every training epoch."""
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # the rich bar is a default, not an order: `enable_progress_bar: false` or another bar wins
@@ -93,7 +93,9 @@ def _run(args: list[str] | None) -> None:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "callbacks": [ModelCheckpoint(save_last=True)],
+            # every training epoch, also in configs that validate every n epochs (Lightning would then
+            # save only after validation, and an interruption could lose n epochs)
+            "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
         },
         args=args,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -9,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_defense.attacks import BadNets
 from lightning_defense.callbacks import TransformGrid
@@ -22,6 +22,7 @@ from lightning_defense.defenses.btidbf import (
     decoupling_loss,
     generator_loss,
 )
+from lightning_defense.defenses.btidbf.torch_model import input_distance
 from lightning_defense.victims import Classifier, VictimMetadata, load_victim, save_victim
 
 TINY_UNET = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}
@@ -51,7 +52,7 @@ def test_schedule_maps_every_epoch_to_its_round_and_phase():
     phase = schedule.at(13)
     assert (phase.round, phase.name, phase.epoch, phase.epochs) == (1, "generator", 1, 3)
     assert schedule.at(19).last_epoch and schedule.at(10).first_epoch
-    with pytest.raises(ValueError, match="past"):
+    with pytest.raises(ValueError, match="Epoch 20 is past"):
         schedule.at(20)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         RoundSchedule(0, 1, 1, 1)
@@ -71,9 +72,11 @@ def test_mask_stays_in_the_open_unit_interval_and_its_loss_decreases():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.01
-    values = mask()
+    assert victim.features(images[:1]).shape[1:] == mask().shape  # one weight per feature element
+    with torch.no_grad():
+        mask.weight.copy_(torch.linspace(-50, 50, mask.weight.numel()).view_as(mask.weight))
+    values = mask()  # tanh saturates to +-1 in float32 here, and m still stays inside
     assert values.min() > 0 and values.max() < 1
-    assert victim.features(images[:1]).shape[1:] == values.shape  # one weight per feature element
 
 
 class Shift(torch.nn.Module):
@@ -94,7 +97,12 @@ def test_generator_far_from_the_input_is_pulled_back_by_the_input_distance_alone
     far = generator_loss(victim, mask, Shift(0.5), images, input_bound=0.3, feature_bound=1e9, benign_weight=0.01)
     assert far["outside_bounds"] == 1
     assert far["input_distance"] > 0.3 and far["loss"] == far["input_distance"]
+    shift = Shift(0.5)
+    far = generator_loss(victim, mask, shift, images, input_bound=0.3, feature_bound=1e9, benign_weight=0.01)
     far["loss"].backward()
+    alone = Shift(0.5)
+    input_distance(victim, images, alone(images)).backward()
+    torch.testing.assert_close(shift.shift.grad, alone.shift.grad)  # no feature term pulls G
     near = generator_loss(victim, mask, Shift(0.01), images, input_bound=0.3, feature_bound=1e9, benign_weight=0.01)
     assert near["outside_bounds"] == 0
     expected = -near["backdoor_distance"] + 0.01 * near["benign_distance"]
@@ -190,12 +198,13 @@ class RecordStart(Callback):
 def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_path):
     victim = victim_file(tmp_path)
     settings = {"rounds": 2, "mask_epochs": 1, "generator_epochs": 3, "defense_epochs": 1, **TINY_UNET}
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = BTIDBFUnlearning(victim, **settings)
-    # stop inside round 2's generator phase: epochs 0-5 are round 1, 6 is round 2's mask, 7-9 its generator
-    trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[checkpoints, StopAfter(7)])
+    first = BTIDBFUnlearning(victim, checkpoint_every_n_epochs=1, **settings)
+    # stop inside round 2's generator phase: epochs 0-5 are round 1, 6 is round 2's mask, 7-9 its generator;
+    # validation runs once a round (epochs 5 and 11), and last.ckpt is written every epoch regardless
+    trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[StopAfter(7)])
     trainer.fit(first, data(victim))
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert trainer.check_val_every_n_epoch == 6
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["btidbf"]["round"] == 1 and saved["btidbf"]["phase"] == "generator"
     assert saved["btidbf"]["epoch_in_phase"] == 0
     generator_steps = max(s["step"].item() for s in saved["optimizer_states"][1]["state"].values())
@@ -204,13 +213,21 @@ def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_pat
     resumed = BTIDBFUnlearning(victim, **settings)
     record = RecordStart()
     trainer = tiny_trainer(tmp_path, callbacks=[record])
-    trainer.fit(resumed, data(victim), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    trainer.fit(resumed, data(victim), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
     assert (record.phase.round, record.phase.name, record.phase.epoch) == (1, "generator", 1)
     assert record.steps[1] == generator_steps  # the generator's Adam continues, not restarts
     assert record.steps[2] == 2  # and so does the unlearning optimizer (round 1's epoch)
     assert record.detected_target == int(first.model.detected_target)  # round 1's vote, restored
     assert set(resumed.phase_seconds) == {"mask", "generator", "detect", "defense"}
     assert trainer.current_epoch == 12
+    # the votes are no buffer: DDP broadcasts buffers from rank 0 before every step and would
+    # overwrite the other ranks' counts; they travel in the checkpoint's own entry instead
+    assert not any("target_votes" in name for name, _ in resumed.named_buffers())
+    assert saved["btidbf"]["target_votes"] == first.target_votes.tolist() and sum(saved["btidbf"]["target_votes"]) > 0
+
+    other = BTIDBFUnlearning(victim, **{**settings, "generator_epochs": 2})
+    with pytest.raises(ValueError, match="resume with the rounds and epochs per phase"):
+        tiny_trainer(tmp_path).fit(other, data(victim), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.parametrize("config", ["btidbf_p.yaml", "btidbf_u.yaml"])
@@ -219,7 +236,7 @@ def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     repo = Path(__file__).resolve().parents[1]
     short = ["--model.init_args.rounds", "2", "--model.init_args.mask_epochs", "1"]
     short += ["--model.init_args.generator_epochs", "1", "--model.init_args.defense_epochs", "1"]
-    short += ["--model.init_args.decoder_channels", "[16, 8, 4, 4]", "--trainer.check_val_every_n_epoch", "4"]
+    short += ["--model.init_args.decoder_channels", "[16, 8, 4, 4]"]
     command = [
         sys.executable, "-m", "lightning_defense", "fit", "--config", str(repo / "configs" / config), *short,
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
@@ -228,12 +245,15 @@ def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert len(re.findall(r"BTI-DBF round \d: detected target class \d", output)) == 2
+    assert len(re.findall(r"BTI-DBF round 1: detected target class \d", output)) == 1
+    assert re.search(r"BTI-DBF round 2: G\(x\) lands on the detected class \d for [\d.]+% of images", output)
     assert re.search(r"victim BA \d+\.\d\d% / ASR \d+\.\d\d%  ->  defended BA \d+\.\d\d% / ASR \d+\.\d\d%", output)
     assert "BTI-DBF wall time per phase: mask" in output
     run = next((tmp_path / "runs").glob("*/version_0"))
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"val/ba", "val/asr", "val/dsr", "val/detection_f1", "train/generator_loss"} <= set(header)
+    assert {"val/ba", "val/asr", "val/dsr", "val/detection_f1", "train/generator_loss", "train/phase"} <= set(header)
+    epochs = {int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val/ba")}
+    assert epochs == {3, 7}  # at the end of each round of 1 + 1 + 1 + 1 epochs
     exported = "defended.safetensors" if config == "btidbf_p.yaml" else "repaired_victim.safetensors"
     assert (run / exported).is_file()
     phase_seconds = json.loads((run / "phase_seconds.json").read_text())

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
@@ -32,6 +34,7 @@ from lightning_defense.victims import Classifier, load_victim, read_victim_metad
 from lightning_defense.victims.victim_file import VictimMetadata
 
 OPTIMIZER_BY_PHASE = {"mask": 0, "generator": 1, "defense": 2}
+PHASE_INDEX = {"mask": 0, "generator": 1, "detect": 2, "defense": 3}  # train/phase in the logs
 
 
 class BTIDBF(DefenseModule):
@@ -39,16 +42,19 @@ class BTIDBF(DefenseModule):
     defense step: :class:`BTIDBFPurification` (P) or :class:`BTIDBFUnlearning` (U).
 
     The run is ``rounds`` rounds of: ``mask_epochs`` epochs of the feature mask, ``generator_epochs``
-    of the backdoor generator, one epoch voting for the target class, ``defense_epochs`` of the
-    defense. The schedule sets ``trainer.max_epochs``; validate once a round with
-    ``check_val_every_n_epoch`` = the round's length (the configs do). Each part has its own Adam
-    optimizer (manual optimization); the epoch decides the phase, and the checkpoint holds every
-    part, every optimizer, the votes and the detected target, so a run resumes mid-phase and
-    mid-round. Under DDP the parts idle in a phase have no gradient: use
+    of the backdoor generator, one epoch of votes on G(x), ``defense_epochs`` of the defense. Round
+    1's vote detects the target class; later rounds push G toward it, so their votes only report
+    the share of G(x) that lands there (``train/generated_on_target``). The schedule sets
+    ``trainer.max_epochs`` and validates at the end of every round (``check_val_every_n_epoch``).
+    Each part has its own Adam optimizer (manual optimization); the epoch decides the phase
+    (``train/round``, ``train/phase``: 0 mask, 1 generator, 2 vote, 3 defense), and ``last.ckpt``
+    (every ``checkpoint_every_n_epochs``) holds every part, every optimizer, the votes and the
+    detected target, so a run resumes mid-phase and mid-round; resuming with another schedule is
+    refused. Under DDP the parts idle in a phase have no gradient: use
     ``strategy: ddp_find_unused_parameters_true``.
 
     Validation logs, besides BA/ASR of the defended model and the victim: ``detected_target`` and
-    ``dsr`` (1 when it is the attack's target), detection precision/recall/F1 (an input is flagged
+    ``dsr`` (1 when round 1's vote found the attack's target), detection precision/recall/F1 (an input is flagged
     poisoned when the victim and the defended model disagree; clean test images are the negatives,
     poisoned ones the positives), the S_a feature distance between G(x) and the true poisoned x
     (beside that of clean x, for scale), and the cosine between the feature changes that G and the
@@ -63,6 +69,9 @@ class BTIDBF(DefenseModule):
             :class:`~.torch_model.TriggerInversion`.
         encoder_name, encoder_depth, decoder_channels: the UNet of the generator (and purifier),
             a residual :class:`TransformNet` that starts as the identity.
+        checkpoint_every_n_epochs: how often ``last.ckpt`` is written (BTI-DBF's epochs are short
+            and its checkpoints hold two UNets with their optimizer states: each save takes about
+            0.1 s, so every epoch would cost 15% more time on the embedded default).
     """
 
     def __init__(
@@ -83,6 +92,7 @@ class BTIDBF(DefenseModule):
         encoder_name: str = "resnet18",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
+        checkpoint_every_n_epochs: int = 5,
     ) -> None:
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
@@ -97,7 +107,9 @@ class BTIDBF(DefenseModule):
             "poison_fraction": poison_fraction,
         }
         self.model = self.build(victim_model, TransformNet(**self.generator_config()), trigger_settings)
-        self.register_buffer("target_votes", torch.zeros(victim_model.num_classes, dtype=torch.long))
+        # not a buffer: DDP broadcasts buffers from rank 0 before every step, which would overwrite
+        # the other ranks' counts; it travels in the checkpoint through on_save_checkpoint instead
+        self.target_votes = torch.zeros(victim_model.num_classes, dtype=torch.long)
         for stage in ("val", "test"):
             detection = MetricCollection(
                 {"precision": BinaryPrecision(), "recall": BinaryRecall(), "f1": BinaryF1Score()},
@@ -135,7 +147,8 @@ class BTIDBF(DefenseModule):
 
     @property
     def phase(self) -> Phase:
-        return self.schedule.at(self.current_epoch)
+        # after the last epoch, fit's current_epoch is one past the schedule: report the last phase
+        return self.schedule.at(min(self.current_epoch, self.schedule.total_epochs - 1))
 
     # -- training -------------------------------------------------------------------------------
 
@@ -152,6 +165,14 @@ class BTIDBF(DefenseModule):
                 f"so max_epochs = {self.schedule.total_epochs} (was {self.trainer.max_epochs})."
             )
             self.trainer.fit_loop.max_epochs = self.schedule.total_epochs
+        # validate at the end of every round, whatever the phases' lengths
+        self.trainer.check_val_every_n_epoch = self.schedule.round_epochs
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``last.ckpt`` every few training epochs (the CLI's default checkpoint is replaced), so an
+        interruption loses at most ``checkpoint_every_n_epochs`` epochs of any phase."""
+        every = self.hparams.checkpoint_every_n_epochs
+        return [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True, every_n_epochs=every)]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
@@ -172,21 +193,24 @@ class BTIDBF(DefenseModule):
                 f"BTI-DBF round {phase.round + 1}/{self.schedule.rounds}: {phase.name} ({phase.epochs} epochs)"
             )
         if phase.name == "mask" and phase.first_epoch and phase.round > 0:
-            # a new mask for the new defended model, with a fresh optimizer state (official code)
-            self.model.feature_mask.reset()
+            # a new mask for the new defended model, with a fresh optimizer state (official code);
+            # the same on every rank, whatever each rank's random state
+            mask = self.model.feature_mask
+            mask.reset()
+            mask.weight.data.copy_(self.trainer.strategy.broadcast(mask.weight.data, src=0))
             self.optimizers()[0].optimizer.state.clear()
         if phase.name == "detect" and phase.first_epoch:
             self.target_votes.zero_()
-        self.model.feature_mask.requires_grad_(phase.name == "mask")
-        self.model.generator.requires_grad_(phase.name == "generator")
-        for parameter in self.defense_parameters():
-            parameter.requires_grad_(phase.name == "defense")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # only the part being trained is in train mode (BatchNorm statistics); the victim never is
+        # here rather than at the epoch's start, which a run resumed mid-epoch skips: only the part
+        # being trained gets gradients and train mode (BatchNorm statistics); the victim never does
         name = self.phase.name
-        self.model.generator.train(name == "generator")
+        self.model.feature_mask.requires_grad_(name == "mask")
+        self.model.generator.requires_grad_(name == "generator").train(name == "generator")
         self.defense_part().train(name == "defense")
+        for parameter in self.defense_parameters():
+            parameter.requires_grad_(name == "defense")
 
     def defense_part(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -195,7 +219,7 @@ class BTIDBF(DefenseModule):
         images, labels = batch
         phase = self.phase
         if phase.name == "detect":
-            self.target_votes += self.model.target_votes(images)
+            self.target_votes += self.model.target_votes(images).cpu()
             return
         if phase.name == "mask":
             losses = self.model.mask_loss(images, labels)
@@ -209,18 +233,28 @@ class BTIDBF(DefenseModule):
         optimizer.step()
         self.log_dict({f"train/{phase.name}_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True)
         self.log("train/round", float(phase.round + 1), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/phase", float(PHASE_INDEX[phase.name]), on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self) -> None:
         phase = self.phase
         elapsed = time.monotonic() - getattr(self, "epoch_start", time.monotonic())
         self.phase_seconds[phase.name] = self.phase_seconds.get(phase.name, 0.0) + elapsed
         if phase.name == "detect":
-            votes = self.trainer.strategy.reduce(self.target_votes.clone(), reduce_op="sum")
-            self.model.detected_target.fill_(int(votes.argmax()))
-            rank_zero_info(
-                f"BTI-DBF round {phase.round + 1}: detected target class {int(votes.argmax())} "
-                f"(votes per class on G(x): {votes.tolist()})"
-            )
+            votes = self.trainer.strategy.reduce(self.target_votes.to(self.device), reduce_op="sum").cpu()
+            if phase.round == 0:
+                self.model.detected_target.fill_(int(votes.argmax()))
+                rank_zero_info(
+                    f"BTI-DBF round 1: detected target class {int(votes.argmax())} "
+                    f"(votes per class on G(x): {votes.tolist()})"
+                )
+            else:  # from round 2 G is trained toward the detected class: its share is no new detection
+                detected = int(self.model.detected_target)
+                share = float(votes[detected] / votes.sum())
+                self.log("train/generated_on_target", share, on_step=False, on_epoch=True)
+                rank_zero_info(
+                    f"BTI-DBF round {phase.round + 1}: G(x) lands on the detected class {detected} for "
+                    f"{share:.1%} of images (votes per class: {votes.tolist()})"
+                )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         phase = self.phase
@@ -229,10 +263,23 @@ class BTIDBF(DefenseModule):
             "phase": phase.name,
             "epoch_in_phase": phase.epoch,
             "phase_seconds": dict(self.phase_seconds),
+            "target_votes": self.target_votes.tolist(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.phase_seconds = dict(checkpoint.get("btidbf", {}).get("phase_seconds", {}))
+        state = checkpoint.get("btidbf", {})
+        self.phase_seconds = dict(state.get("phase_seconds", {}))
+        if "target_votes" in state:
+            self.target_votes = torch.tensor(state["target_votes"], dtype=torch.long)
+        if "round" in state and "epoch" in checkpoint:
+            saved = (state["round"], state["phase"], state["epoch_in_phase"])
+            phase = self.schedule.at(min(checkpoint["epoch"], self.schedule.total_epochs - 1))
+            if saved != (phase.round, phase.name, phase.epoch):
+                raise ConfigurationError(
+                    f"The checkpoint was saved in round {saved[0] + 1}, phase {saved[1]!r}, but this "
+                    f"schedule puts its epoch in round {phase.round + 1}, phase {phase.name!r}: resume "
+                    "with the rounds and epochs per phase of the run that wrote it."
+                )
 
     def on_train_end(self) -> None:
         folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP
@@ -291,15 +338,15 @@ class BTIDBF(DefenseModule):
         detection = getattr(self, f"{stage}_detection")
         self.log_dict(detection.compute())
         detection.reset()
+        attack = getattr(self.trainer.datamodule, "attack", None)
         names = {"generated_distance": "generated_feature_distance", "trigger_distance": "trigger_feature_distance"}
         names["trigger_cosine"] = "generated_trigger_cosine"
         for attribute, key in names.items():
             metric = getattr(self, f"{stage}_{attribute}")
-            if metric.update_count:
+            if attack is not None:  # compute() is a collective: every rank calls it, updated or not
                 self.log(f"{stage}/{key}", metric.compute())
             metric.reset()
         detected = int(self.model.detected_target)
-        attack = getattr(self.trainer.datamodule, "attack", None)
         if detected >= 0:
             # the same on every rank; sync_dist only keeps Lightning from warning under DDP
             self.log(f"{stage}/detected_target", float(detected), sync_dist=True)

@@ -77,18 +77,19 @@ class RoundSchedule:
         self.total_epochs = rounds * self.round_epochs
 
     def at(self, epoch: int) -> Phase:
-        round_index, epoch = divmod(epoch, self.round_epochs)
+        round_index, rest = divmod(epoch, self.round_epochs)
         if round_index >= self.rounds:
             raise ConfigurationError(f"Epoch {epoch} is past BTI-DBF's {self.total_epochs} epochs.")
         for name, epochs in self.phases:
-            if epoch < epochs:
-                return Phase(round_index, name, epoch, epochs)
-            epoch -= epochs
+            if rest < epochs:
+                return Phase(round_index, name, rest, epochs)
+            rest -= epochs
         raise AssertionError("unreachable")
 
 
 class FeatureMask(nn.Module):
-    """m = tanh(w) / 2 + 0.5, one weight per element of S_a's output, drawn at random."""
+    """m = tanh(w) / 2 + 0.5, one weight per element of S_a's output, drawn at random (the factor is
+    a hair below 1/2, so that m stays strictly inside (0, 1) even where tanh saturates)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -100,7 +101,7 @@ class FeatureMask(nn.Module):
             self.weight.normal_()
 
     def forward(self) -> Tensor:
-        return torch.tanh(self.weight) / (2 + 1e-7) + 0.5  # the margin keeps m inside (0, 1)
+        return 0.5 + (0.5 - 1e-6) * torch.tanh(self.weight)
 
 
 class Purified(nn.Module):
@@ -126,10 +127,15 @@ class Purified(nn.Module):
 SplitModel = Classifier | Purified
 
 
+def replaced_share(images: Tensor, fraction: float) -> Tensor:
+    """Indices of a random ``fraction`` of the batch (at least one image) to replace by G(x)."""
+    count = min(len(images), math.ceil(fraction * len(images)))
+    return torch.randperm(len(images), device=images.device)[:count]
+
+
 def mix_in(images: Tensor, generated: Tensor, fraction: float) -> Tensor:
     """``images`` with a random ``fraction`` of them (at least one) replaced by their generated version."""
-    count = min(len(images), math.ceil(fraction * len(images)))
-    index = torch.randperm(len(images), device=images.device)[:count]
+    index = replaced_share(images, fraction)
     mixed = images.clone()
     mixed[index] = generated[index].to(mixed.dtype)
     return mixed
@@ -259,7 +265,8 @@ class TriggerInversion(nn.Module):
 
     @torch.no_grad()
     def target_votes(self, images: Tensor) -> Tensor:
-        """How often each class is predicted on G(x + noise): the detected target is the top one."""
+        """How often each class is predicted on G(x + noise): the detected target is the top one.
+        The noisy images are clamped to [0, 1] (contract 1; the official code does not clamp)."""
         model = self.defended()
         std = self.victim.std.to(images.device)
         noisy = (images + self.vote_noise * std * torch.randn_like(images)).clamp(0, 1)
@@ -271,6 +278,14 @@ class TriggerInversion(nn.Module):
         with torch.no_grad():
             generated = self.generator(images).to(images.dtype)
         return generated, mix_in(images, generated, self.poison_fraction)
+
+    def mixed(self, images: Tensor) -> Tensor:
+        """The batch with ``poison_fraction`` of it replaced by G(x), running G on that share only."""
+        index = replaced_share(images, self.poison_fraction)
+        mixed = images.clone()
+        with torch.no_grad():
+            mixed[index] = self.generator(images[index]).to(images.dtype)
+        return mixed
 
 
 class Purification(TriggerInversion):
@@ -327,7 +342,7 @@ class Unlearning(TriggerInversion):
         return self.repaired
 
     def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        _, mixed = self.generated_and_mixed(images)
+        mixed = self.mixed(images)
         clean_features = self.repaired.features(images)
         mixed_features = self.repaired.features(mixed)
         parts = {
