@@ -134,9 +134,12 @@ def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense
     victim = victim_file(tmp_path)
     module = BTIDBFPurification(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
     purifier_before = [p.clone() for p in module.model.purifier.parameters()]
-    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4, callbacks=[TransformGrid(num_images=4)])
+    trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[TransformGrid(num_images=4)])
     trainer.fit(module, data(victim))
     assert trainer.current_epoch == 4  # the schedule set max_epochs: 1 + 1 + 1 (vote) + 1
+    # checkpoints every 4 epochs (the largest divisor of 4 up to the default 5): the final state is saved
+    final = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["epoch"] == 3 and final["btidbf"]["phase"] == "defense"
     original = load_victim(victim).state_dict()
     assert all(torch.equal(module.victim.state_dict()[k], v) for k, v in original.items())  # weights and BN buffers
     assert any(not torch.equal(a, b) for a, b in zip(purifier_before, module.model.purifier.parameters()))
@@ -155,7 +158,7 @@ def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense
 def test_unlearning_changes_only_the_copy_and_writes_a_repaired_victim_file(tmp_path):
     victim = victim_file(tmp_path)
     module = BTIDBFUnlearning(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
-    trainer = tiny_trainer(tmp_path, check_val_every_n_epoch=4)
+    trainer = tiny_trainer(tmp_path)
     trainer.fit(module, data(victim))
     original = load_victim(victim).state_dict()
     assert all(torch.equal(module.victim.state_dict()[k], v) for k, v in original.items())

@@ -69,7 +69,8 @@ class BTIDBF(DefenseModule):
             :class:`~.torch_model.TriggerInversion`.
         encoder_name, encoder_depth, decoder_channels: the UNet of the generator (and purifier),
             a residual :class:`TransformNet` that starts as the identity.
-        checkpoint_every_n_epochs: how often ``last.ckpt`` is written (BTI-DBF's epochs are short
+        checkpoint_every_n_epochs: how often at most ``last.ckpt`` is written (every n epochs, n the
+            largest divisor of the run's length up to this, so that the final epoch is saved; BTI-DBF's epochs are short
             and its checkpoints hold two UNets with their optimizer states: each save takes about
             0.1 s, so every epoch would cost 15% more time on the embedded default).
     """
@@ -171,7 +172,9 @@ class BTIDBF(DefenseModule):
     def configure_callbacks(self) -> list[Callback]:
         """``last.ckpt`` every few training epochs (the CLI's default checkpoint is replaced), so an
         interruption loses at most ``checkpoint_every_n_epochs`` epochs of any phase."""
-        every = self.hparams.checkpoint_every_n_epochs
+        # the largest period up to the setting that divides the run, so that the final epoch is saved too
+        total = self.schedule.total_epochs
+        every = max(n for n in range(1, max(1, self.hparams.checkpoint_every_n_epochs) + 1) if total % n == 0)
         return [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True, every_n_epochs=every)]
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
