@@ -153,10 +153,14 @@ def test_missing_data_root_is_one_clear_line(tmp_path):
 SHIPPED = sorted((REPO / "configs").glob("**/*.yaml"))
 
 
+LAYER_BASES = {"refine": "refine.yaml", "btidbf": "btidbf_p.yaml"}
+
+
 def config_command(config: Path) -> list[str]:
-    """Files under configs/refine/ are layers on configs/refine.yaml."""
-    base = ["--config", str(REPO / "configs" / "refine.yaml")] if config.parent.name == "refine" else []
-    return ["fit", *base, "--config", str(config), "--print_config"]
+    """Files under configs/<defense>/ are layers on that defense's embedded default."""
+    base = LAYER_BASES.get(config.parent.name)
+    layers = ["--config", str(REPO / "configs" / base)] if base else []
+    return ["fit", *layers, "--config", str(config), "--print_config"]
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: str(p.relative_to(REPO / "configs")))
