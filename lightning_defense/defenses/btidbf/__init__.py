@@ -10,7 +10,6 @@ from lightning_defense.defenses.btidbf.torch_model import (
     Unlearning,
     decoupling_loss,
     generator_loss,
-    mix_in,
 )
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "Unlearning",
     "decoupling_loss",
     "generator_loss",
-    "mix_in",
 ]

@@ -391,7 +391,7 @@ class BTIDBFPurification(BTIDBF):
 
     def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
         purified = self.model.purifier(images).float()
-        predictions = self(images).argmax(1)
+        predictions = self.victim(purified).argmax(1)  # f(Ĝ(x)), reusing Ĝ(x)
         return [*super().figure_rows(name, images), (f"Ĝ({name})", purified, [f"f∘Ĝ: {int(p)}" for p in predictions])]
 
     def export(self, folder: Path) -> Path:

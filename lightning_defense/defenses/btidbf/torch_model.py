@@ -127,20 +127,6 @@ class Purified(nn.Module):
 SplitModel = Classifier | Purified
 
 
-def replaced_share(images: Tensor, fraction: float) -> Tensor:
-    """Indices of a random ``fraction`` of the batch (at least one image) to replace by G(x)."""
-    count = min(len(images), math.ceil(fraction * len(images)))
-    return torch.randperm(len(images), device=images.device)[:count]
-
-
-def mix_in(images: Tensor, generated: Tensor, fraction: float) -> Tensor:
-    """``images`` with a random ``fraction`` of them (at least one) replaced by their generated version."""
-    index = replaced_share(images, fraction)
-    mixed = images.clone()
-    mixed[index] = generated[index].to(mixed.dtype)
-    return mixed
-
-
 def input_distance(model: SplitModel, images: Tensor, other: Tensor) -> Tensor:
     """Mean squared distance in the victim's normalized input space."""
     return F.mse_loss(model.normalize(other).float(), model.normalize(images).float())
@@ -198,8 +184,9 @@ class TriggerInversion(nn.Module):
 
     Args:
         victim: the frozen classifier f.
-        generator: G; a residual :class:`TransformNet` starts as the identity, which replaces the
-            official code's pretraining of G toward the identity.
+        generator: G, a residual :class:`TransformNet` with a random last layer: it starts near the
+            identity (at it, its loss would have no gradient), and the input bound pulls it inside,
+            in place of the official code's pretraining of G toward the identity.
         input_bound, feature_bound: the bounds of :func:`generator_loss` (official: 0.3 and 3).
         benign_weight: weight of the benign-feature distance in G's loss (official: 0.01).
         vote_noise: standard deviation of the noise added to x before the target vote, in the
@@ -273,18 +260,15 @@ class TriggerInversion(nn.Module):
         predictions = model(self.generator(noisy)).argmax(dim=1)
         return torch.bincount(predictions, minlength=self.victim.num_classes)
 
-    def generated_and_mixed(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """G(x) (no gradient) and the batch with ``poison_fraction`` of it replaced by G(x)."""
-        with torch.no_grad():
-            generated = self.generator(images).to(images.dtype)
-        return generated, mix_in(images, generated, self.poison_fraction)
-
-    def mixed(self, images: Tensor) -> Tensor:
-        """The batch with ``poison_fraction`` of it replaced by G(x), running G on that share only."""
-        index = replaced_share(images, self.poison_fraction)
+    def mixed(self, images: Tensor, generated: Tensor | None = None) -> Tensor:
+        """The batch with a random ``poison_fraction`` of it (at least one image) replaced by G(x),
+        taken from ``generated`` when the caller has it, else run on that share only (no gradient)."""
+        count = min(len(images), math.ceil(self.poison_fraction * len(images)))
+        index = torch.randperm(len(images), device=images.device)[:count]
         mixed = images.clone()
         with torch.no_grad():
-            mixed[index] = self.generator(images[index]).to(images.dtype)
+            share = generated[index] if generated is not None else self.generator(images[index])
+        mixed[index] = share.to(images.dtype)
         return mixed
 
 
@@ -307,9 +291,10 @@ class Purification(TriggerInversion):
         return Purified(self.victim, self.purifier)  # a view, built per call: no second copy in the state dict
 
     def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        generated, mixed = self.generated_and_mixed(images)
         with torch.no_grad():
+            generated = self.generator(images).to(images.dtype)
             clean_features = self.victim.features(images).float()
+        mixed = self.mixed(images, generated)
         parts = {}
         for name, inputs in (("poisoned", generated), ("benign", mixed)):
             purified = self.purifier(inputs)
