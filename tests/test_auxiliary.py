@@ -66,7 +66,7 @@ def test_a_poisoned_source_is_refused_and_a_victim_without_attack_needs_one(tmp_
 
 
 def test_refine_augmentation_serves_valid_images(tmp_path):
-    dm = DefenseDataModule(source(), SeenData(), attack=BadNets(), batch_size=16)
+    dm = DefenseDataModule(source(), SeenData(), attack=BadNets(), batch_size=16, augment=True)
     dm.setup()
     images, _ = next(iter(dm.train_dataloader()))
     assert images.shape == (16, 3, 32, 32) and images.min() >= 0 and images.max() <= 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_defense.defenses.refine import (
+    REFINE,
     LabelPermutation,
     Refine,
     TransformNet,
@@ -148,6 +149,55 @@ def test_one_step_changes_t_and_leaves_the_victim_untouched(classification_loss)
     assert all(torch.equal(victim_before[k], v) for k, v in refine.victim.state_dict().items())
 
 
+def test_the_victim_labels_the_images_as_they_are_and_t_learns_on_augmented_ones():
+    # a victim whose answer an augmentation changes: it fires "class 0" on gray images, as the
+    # WaNet victim fires on resampled ones; labels taken after augmenting would teach T that
+    seen_by_t = []
+
+    class GrayIt(torch.nn.Module):
+        def forward(self, images):
+            return images.mean(dim=1, keepdim=True).expand_as(images)
+
+    class SpyT(TransformNet):
+        def forward_with_head(self, images):
+            seen_by_t.append(images)
+            return super().forward_with_head(images)
+
+    torch.manual_seed(0)
+    victim = Classifier("resnet20", 10)
+    t = SpyT("resnet18", 3, (32, 16, 8))
+    refine = Refine(victim, t, LabelPermutation(10), classification_loss="ce", augmentation=GrayIt())
+    images = torch.rand(8, 3, 32, 32)
+    labels_of_raw = victim(images).argmax(1)
+    assert not torch.equal(labels_of_raw, victim(GrayIt()(images)).argmax(1))  # the test can tell them apart
+    pseudo_labels = []
+    classification = refine.classification
+
+    def spy(logits, victim_logits, labels):
+        pseudo_labels.append(labels)
+        return classification(logits, victim_logits, labels)
+
+    refine.classification = spy
+    refine.loss(images)
+    assert torch.equal(pseudo_labels[0], labels_of_raw)
+    assert torch.equal(seen_by_t[0], GrayIt()(images))
+
+
+def test_refine_refuses_a_data_module_that_augments_before_the_victim_labels(tmp_path):
+    from lightning_defense.attacks import BadNets
+    from lightning_defense.data import DefenseDataModule, EmbeddedCIFAR10DataModule, SeenData
+    from lightning_defense.errors import ConfigurationError
+    from lightning_defense.victims import VictimMetadata, save_victim
+
+    victim_path = tmp_path / "victim.safetensors"
+    save_victim(victim_path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
+    module = REFINE(str(victim_path), encoder_depth=3, decoder_channels=(16, 8, 4))
+    data = DefenseDataModule(EmbeddedCIFAR10DataModule(), SeenData(), augment=True)
+    module.trainer = type("Trainer", (), {"datamodule": data})()
+    with pytest.raises(ConfigurationError, match="augment: false"):
+        module.setup("fit")
+
+
 def test_soft_loss_is_zero_only_when_the_defended_model_matches_the_victims_distribution():
     refine = make_refine(classification_loss="soft", soft_label_temperature=4.0)
     victim_logits = torch.randn(6, 10) * 5
@@ -201,11 +251,18 @@ def test_encoder_head_learns_from_the_victim_and_stays_out_of_inference():
     assert not any("classification_head" in k for k in weights)
     TransformNet("resnet18", 3, (32, 16, 8)).load_state_dict(weights)  # strict: a head-less T takes them
     with pytest.raises(ValueError, match="encoder_head_classes"):  # a weight without a head
-        Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10),
-               encoder_head_weight=1.0)
+        Refine(
+            Classifier("resnet20", 10),
+            TransformNet("resnet18", 3, (32, 16, 8)),
+            LabelPermutation(10),
+            encoder_head_weight=1.0,
+        )
     with pytest.raises(ValueError, match="encoder_head_classes"):  # a head that would get no gradient
-        Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8), encoder_head_classes=10),
-               LabelPermutation(10))
+        Refine(
+            Classifier("resnet20", 10),
+            TransformNet("resnet18", 3, (32, 16, 8), encoder_head_classes=10),
+            LabelPermutation(10),
+        )
 
 
 def test_identity_transform_and_permutation_give_the_victims_predictions():
@@ -356,10 +413,22 @@ def test_the_shipped_embedded_default_runs_end_to_end_in_short(tmp_path):
 
     repo = Path(__file__).resolve().parents[1]
     command = [
-        sys.executable, "-m", "lightning_defense", "fit", "--config", str(repo / "configs" / "refine.yaml"),
-        "--trainer.max_epochs", "2",  # the config validates every 2 epochs
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        sys.executable,
+        "-m",
+        "lightning_defense",
+        "fit",
+        "--config",
+        str(repo / "configs" / "refine.yaml"),
+        "--trainer.max_epochs",
+        "2",  # the config validates every 2 epochs
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
     ]
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -382,8 +451,13 @@ def test_black_box_soft_targets_stay_faithful_for_a_very_confident_victim(tmp_pa
     victim_path = tmp_path / "victim.safetensors"
     save_victim(victim_path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10))
     module = BlackBoxREFINE(
-        str(victim_path), distill_epochs=0, encoder_depth=3, decoder_channels=(16, 8, 4),
-        classification_loss="soft", soft_label_temperature=4.0, encoder_head_weight=1.0,
+        str(victim_path),
+        distill_epochs=0,
+        encoder_depth=3,
+        decoder_channels=(16, 8, 4),
+        classification_loss="soft",
+        soft_label_temperature=4.0,
+        encoder_head_weight=1.0,
     )
     logits = torch.tensor([[60.0] + [0.0] * 9, [0.0] * 9 + [75.0]])  # runners-up near 1e-26 and 1e-33
     monkeypatch.setattr(module, "victim_probabilities", lambda images: logits.softmax(1))

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack, attack_from_config
+from lightning_defense.data.augmentation import refine_augmentation
 from lightning_defense.data.datamodules import BackdoorDataModule, InMemoryDataModule
 from lightning_defense.data.datasets import ImageTensorDataset
 from lightning_defense.errors import ConfigurationError
@@ -100,8 +101,11 @@ class DefenseDataModule(InMemoryDataModule):
         aux_data: which of its images the defender has.
         victim: victim file whose stored attack builds the poisoned test set.
         attack: the attack to evaluate instead (when the victim file stores none).
-        augment: the REFINE recipe's training augmentation: RandomResizedCrop (scale 0.8 to 1),
-            horizontal flip, RandomGrayscale (p 0.2).
+        augment: augment the training images with REFINE's recipe (RandomResizedCrop at scale
+            0.8 to 1, horizontal flip, RandomGrayscale p 0.2), for defenses that train on the
+            true labels (BTI-DBF). Off by default: a defense that labels images with the victim
+            must show it the images as they are, since an augmentation can fire a backdoor
+            (REFINE augments after labelling, see :class:`~lightning_defense.defenses.REFINE`).
     """
 
     def __init__(
@@ -112,7 +116,7 @@ class DefenseDataModule(InMemoryDataModule):
         attack: Attack | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
-        augment: bool = True,
+        augment: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.source = source
@@ -138,12 +142,7 @@ class DefenseDataModule(InMemoryDataModule):
         return attack_from_config(metadata.attack)
 
     def train_transform(self) -> v2.Transform | None:
-        if not self.augment:
-            return None
-        size = self.source.image_size
-        return v2.Compose(
-            [v2.RandomResizedCrop(size, scale=(0.8, 1.0)), v2.RandomHorizontalFlip(), v2.RandomGrayscale(p=0.2)]
-        )
+        return refine_augmentation(self.source.image_size) if self.augment else None
 
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.callbacks import FigureRow, run_folder
+from lightning_defense.data.augmentation import BatchAugmentation
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import (
@@ -20,6 +21,7 @@ from lightning_defense.defenses.refine.torch_model import (
     surrogate_loss,
 )
 from lightning_defense.defenses.transform_net import OutputActivation, TransformNet
+from lightning_defense.errors import ConfigurationError
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims import Classifier, load_victim
 
@@ -43,6 +45,8 @@ class REFINE(DefenseModule):
         soft_label_temperature: softens the ``soft`` loss's distributions.
         encoder_head_weight: > 0 gives T an encoder head trained on the victim's answers (a
             training aid, not in the paper; see :class:`Refine`).
+        augment: the recipe's augmentation of T's inputs, after the victim labelled the images
+            as they are (see :class:`Refine`); the data module must then serve them unaugmented.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class REFINE(DefenseModule):
         temperature: float = 0.07,
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
+        augment: bool = True,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -79,6 +84,7 @@ class REFINE(DefenseModule):
             temperature=temperature,
             soft_label_temperature=soft_label_temperature,
             encoder_head_weight=encoder_head_weight,
+            augmentation=BatchAugmentation() if augment else None,
         )
 
     @property
@@ -87,6 +93,15 @@ class REFINE(DefenseModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.hparams.augment and getattr(self.trainer.datamodule, "augment", False):
+            raise ConfigurationError(
+                "REFINE augments T's inputs itself, after the victim labelled the images as they are; an "
+                "augmenting data module would hand it augmented images to label (an augmentation can fire "
+                "a backdoor). Set data.init_args.augment: false, or model.init_args.augment: false."
+            )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, _ = batch  # auxiliary labels are never used

@@ -89,6 +89,11 @@ class Refine(nn.Module):
             classification loss between T's encoder head (see :class:`TransformNet`) and the
             victim's answer, so T's encoder learns to tell the classes apart directly instead of
             only through its decoder and the victim. Needs a T with an encoder head; 0 disables.
+        augmentation: training augmentation of T's inputs, applied *after* the victim labelled
+            the images as they are: an augmentation can fire a backdoor (the recipe's
+            RandomResizedCrop resamples, i.e. warps, and the WaNet victim answers its target on
+            78% of augmented CIFAR-10 images against 11% unaugmented), and labels taken after it
+            would teach T the backdoor. ``None`` trains on the images as given.
     """
 
     def __init__(
@@ -101,6 +106,7 @@ class Refine(nn.Module):
         temperature: float = 0.07,
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
+        augmentation: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if classification_loss not in ("ce", "bce", "soft"):
@@ -123,6 +129,7 @@ class Refine(nn.Module):
         self.temperature = temperature
         self.soft_label_temperature = soft_label_temperature
         self.encoder_head_weight = encoder_head_weight
+        self.augmentation = augmentation
 
     @torch.no_grad()
     def victim_logits(self, images: Tensor) -> Tensor:
@@ -138,6 +145,7 @@ class Refine(nn.Module):
     ) -> dict[str, Tensor]:
         """REFINE's loss on a batch; returns the total and its parts.
 
+        ``images`` are the auxiliary images as they are (the augmentation comes after labelling).
         ``victim_logits`` are F's outputs on ``images`` when the caller has them (any logits that
         give the victim's probabilities will do, e.g. their log). ``classifier`` stands in for the
         victim in the loss (black-box mode trains T against a surrogate, since a black-box victim
@@ -147,6 +155,8 @@ class Refine(nn.Module):
             victim_logits = self.victim_logits(images)
         pseudo_labels = victim_logits.argmax(dim=1)
         victim_logits = victim_logits.float()
+        if self.augmentation is not None:
+            images = self.augmentation(images)
         transformed, encoder_logits = self.transform_net.forward_with_head(images)
         logits = self.label_permutation((classifier or self.victim)(transformed)).float()
         parts = {"classification": self.classification(logits, victim_logits, pseudo_labels)}
