@@ -62,7 +62,9 @@ def analyse(export: Path, cifar10_root: str | None, victim_path: str | None, bat
     accuracy = {name: MulticlassAccuracy(num_classes, average="micro") for name in ("clean", "asr", "poisoned")}
     victim_classes, defended_classes = [], []
     for clean_batch, poisoned_batch, true, attacker in zip(
-        clean.split(batch_size), poisoned.split(batch_size), true_labels.split(batch_size),
+        clean.split(batch_size),
+        poisoned.split(batch_size),
+        true_labels.split(batch_size),
         attacker_labels.split(batch_size),
     ):
         accuracy["clean"].update(model(clean_batch.float() / 255), true)
@@ -95,8 +97,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     result = analyse(args.export, args.cifar10, args.victim)
-    print(f"{result['images']} poisoned test images of the {result['test_set']} set "
-          f"({result['attack']['class_path'].rsplit('.', 1)[-1]})")
+    print(
+        f"{result['images']} poisoned test images of the {result['test_set']} set "
+        f"({result['attack']['class_path'].rsplit('.', 1)[-1]})"
+    )
     print(f"clean accuracy     {100 * result['clean_accuracy']:6.2f}%  (the same images, unpoisoned)")
     print(f"ASR                {100 * result['asr']:6.2f}%")
     print(f"poisoned accuracy  {100 * result['poisoned_accuracy']:6.2f}%")
