@@ -102,10 +102,12 @@ class DefenseDataModule(InMemoryDataModule):
         victim: victim file whose stored attack builds the poisoned test set.
         attack: the attack to evaluate instead (when the victim file stores none).
         augment: augment the training images with REFINE's recipe (RandomResizedCrop at scale
-            0.8 to 1, horizontal flip, RandomGrayscale p 0.2), for defenses that train on the
-            true labels (BTI-DBF). Off by default: a defense that labels images with the victim
-            must show it the images as they are, since an augmentation can fire a backdoor
-            (REFINE augments after labelling, see :class:`~lightning_defense.defenses.REFINE`).
+            0.8 to 1, horizontal flip, RandomGrayscale p 0.2). Off by default: an augmentation can
+            fire a backdoor by itself (RandomResizedCrop fires the WaNet victim's), so a defense
+            that labels images with the victim, or votes on its answers, must see the images as
+            they are (REFINE augments T's inputs after labelling, see
+            :class:`~lightning_defense.defenses.REFINE`; BTI-DBF's target vote must come from its
+            generator, so its configs do not augment).
     """
 
     def __init__(
