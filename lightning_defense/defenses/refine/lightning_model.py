@@ -100,7 +100,8 @@ class REFINE(DefenseModule):
             raise ConfigurationError(
                 "REFINE augments T's inputs itself, after the victim labelled the images as they are; an "
                 "augmenting data module would hand it augmented images to label (an augmentation can fire "
-                "a backdoor). Set data.init_args.augment: false, or model.init_args.augment: false."
+                "a backdoor). Set data.init_args.augment: false (or, to label augmented images on purpose, "
+                "model.init_args.augment: false)."
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
