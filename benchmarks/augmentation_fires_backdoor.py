@@ -22,7 +22,7 @@ from machine_info import machine
 from torchvision.transforms import v2
 
 from lightning_defense.data import CIFAR10DataModule
-from lightning_defense.data.augmentation import refine_augmentation
+from lightning_defense.data.augmentation import augment_each, refine_augmentation
 from lightning_defense.data.embedded_cifar10 import load_embedded_cifar10
 from lightning_defense.victims import load_victim
 from lightning_defense.victims.victim_file import read_victim_metadata
@@ -57,7 +57,7 @@ def target_share(victim_path: str, images: torch.Tensor, seed: int, batch_size: 
     result: dict = {"target": target}
     for name, transform in augmentations(images.shape[-1]).items():
         torch.manual_seed(seed)  # the same random draws for every victim
-        inputs = images if transform is None else torch.stack([transform(image) for image in images])
+        inputs = images if transform is None else augment_each(transform, images)
         predictions = torch.cat([victim(batch).argmax(1) for batch in inputs.split(batch_size)])
         result[name] = round(100 * (predictions == target).float().mean().item(), 2)
     return result

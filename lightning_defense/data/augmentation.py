@@ -15,10 +15,14 @@ def refine_augmentation(size: int | tuple[int, int]) -> v2.Compose:
     )
 
 
+def augment_each(transform: v2.Transform, images: Tensor) -> Tensor:
+    """``transform`` on a batch with its own random draw for every image (a v2 transform called
+    on a batch draws once for all of it)."""
+    return torch.stack([transform(image) for image in images])
+
+
 class BatchAugmentation(nn.Module):
-    """:func:`refine_augmentation` on a batch, with its own random draw for every image (a v2
-    transform called on a batch draws once for all of it)."""
+    """:func:`refine_augmentation` on a batch, a random draw per image."""
 
     def forward(self, images: Tensor) -> Tensor:
-        transform = refine_augmentation(tuple(images.shape[-2:]))
-        return torch.stack([transform(image) for image in images])
+        return augment_each(refine_augmentation(tuple(images.shape[-2:])), images)
