@@ -1,6 +1,17 @@
 """DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
 
-from lightning_defense.data.auxiliary import AuxiliaryData, DefenseDataModule, ReservedData, SeenData
+from lightning_defense.data.auxiliary import (
+    AuxiliaryData,
+    CINIC10ImageNetData,
+    DefenseDataModule,
+    ExternalData,
+    PooledData,
+    ReservedData,
+    SeenData,
+    ShiftedData,
+    UnlabeledData,
+)
+from lightning_defense.data.calibration import Calibrated, calibrate_inputs
 from lightning_defense.data.datamodules import (
     BackdoorDataModule,
     CIFAR10DataModule,
@@ -15,9 +26,16 @@ from lightning_defense.data.synthetic import SyntheticDataModule, procedural_ima
 
 __all__ = [
     "AuxiliaryData",
+    "CINIC10ImageNetData",
+    "Calibrated",
     "DefenseDataModule",
+    "ExternalData",
+    "PooledData",
     "ReservedData",
     "SeenData",
+    "ShiftedData",
+    "UnlabeledData",
+    "calibrate_inputs",
     "BackdoorDataModule",
     "CIFAR10DataModule",
     "CINIC10DataModule",

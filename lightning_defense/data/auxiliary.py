@@ -9,6 +9,7 @@ victim's own attack, read from the victim file, for BA and ASR.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -16,15 +17,35 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack, attack_from_config
-from lightning_defense.data.augmentation import refine_augmentation
-from lightning_defense.data.datamodules import BackdoorDataModule, InMemoryDataModule
-from lightning_defense.data.datasets import ImageTensorDataset
-from lightning_defense.errors import ConfigurationError
-from lightning_defense.victims.victim_file import read_victim_metadata
+from lightning_defense.data.augmentation import augment_each, refine_augmentation
+from lightning_defense.data.datamodules import CIFAR10_CLASSES, BackdoorDataModule, InMemoryDataModule
+from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.victims import Classifier
+from lightning_defense.victims.victim_file import load_victim, read_victim_metadata
 
 
 class AuxiliaryData(ABC):
-    """A kind of defender data, drawn from a source DataModule.
+    """A kind of defender data: chooses the defender's images, given the source DataModule and the
+    victim (which labels data that has no labels of its own)."""
+
+    @abstractmethod
+    def select(self, source: BackdoorDataModule, victim: Classifier | None = None) -> tuple[Tensor, Tensor]:
+        """The defender's images (uint8 NCHW) and their labels."""
+
+
+def pseudo_labels(victim: Classifier | None, images: Tensor, what: str) -> Tensor:
+    """The victim's answers as labels for ``what``, which has none of its own."""
+    if victim is None:
+        raise ConfigurationError(
+            f"{what} has no labels of its own and is labelled by the victim's predictions: give the "
+            "DefenseDataModule a `victim` file."
+        )
+    return victim.predict_labels(images)
+
+
+class PooledData(AuxiliaryData):
+    """Auxiliary data drawn from a pool of images: an equal-size, seeded subset per class.
 
     Args:
         per_class: images per class (the same for every kind, so kinds compare at equal size);
@@ -46,11 +67,16 @@ class AuxiliaryData(ABC):
         self.seed = seed
 
     @abstractmethod
-    def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
-        """All candidate images (uint8 NCHW) and their labels."""
+    def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor | None]:
+        """All candidate images (uint8 NCHW) and their labels, ``None`` where the pool has none
+        (the victim's pseudo-labels then stand in, for sampling per class too)."""
 
-    def select(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
+    def select(self, source: BackdoorDataModule, victim: Classifier | None = None) -> tuple[Tensor, Tensor]:
         images, labels = self.pool(source)
+        labelled_by = "labelled"
+        if labels is None:
+            labels = pseudo_labels(victim, images, type(self).__name__)
+            labelled_by = "that the victim labels"
         if self.per_class is None and self.fraction is None:
             return images, labels
         generator = torch.Generator().manual_seed(self.seed)
@@ -60,15 +86,15 @@ class AuxiliaryData(ABC):
             count = self.per_class or max(1, round(self.fraction * len(members)))
             if len(members) < count:
                 raise ConfigurationError(
-                    f"{type(self).__name__} has {len(members)} images of class {cls} but per_class asks for "
-                    f"{count}: lower per_class or use a larger source."
+                    f"{type(self).__name__} has {len(members)} images {labelled_by} as class {cls} but "
+                    f"per_class asks for {count}: lower per_class or use a larger source."
                 )
             chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
         index = torch.cat(chosen).sort().values
         return images[index], labels[index]
 
 
-class SeenData(AuxiliaryData):
+class SeenData(PooledData):
     """Clean images from the victim's own training split (REFINE's threat model allows them)."""
 
     def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
@@ -80,7 +106,7 @@ class SeenData(AuxiliaryData):
         return source.train_set.images, source.train_set.labels
 
 
-class ReservedData(AuxiliaryData):
+class ReservedData(PooledData):
     """The per-class reserved split that the victim never trained on."""
 
     def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
@@ -90,6 +116,100 @@ class ReservedData(AuxiliaryData):
                 "(the same value and seed the victim was trained with)."
             )
         return source.reserved_images, source.reserved_labels
+
+
+class ExternalData(PooledData):
+    """Natural images from another source, in ImageFolder layout (``root/<split>/<folder>/*``), e.g.
+    the shared Tiny-ImageNet excerpt. Its folders are not the victim's classes, so the images are
+    labelled by the victim's predictions, and ``per_class`` counts those.
+
+    Args:
+        root: default ``<data home>/tinyimagenet32``.
+        split: the sub-folder that holds the class folders.
+    """
+
+    def __init__(self, root: str | None = None, split: str = "train", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / "tinyimagenet32"
+        self.split = split
+
+    def pool(self, source: BackdoorDataModule) -> tuple[Tensor, None]:
+        folder = self.root / self.split
+        if not folder.is_dir():
+            raise InputNotFoundError(
+                f"External images not found: {folder} does not exist. Unpack the shared Tiny-ImageNet "
+                f"excerpt (`tar -xzf ../shared/data/tinyimagenet32-external.tar.gz -C {self.root.parent}`) "
+                "or set `root` to any ImageFolder tree."
+            )
+        images, _, _ = load_image_folder(folder, size=source.image_size)
+        return images, None
+
+
+class CINIC10ImageNetData(PooledData):
+    """CINIC-10's ImageNet-derived images (file names without ``cifar10``), labelled with
+    CINIC-10's classes, which are CIFAR-10's: external data that keeps the victim's label space.
+
+    Args:
+        root: the CINIC-10 folder (``root/{train,valid,test}/<class>/*.png``); default
+            ``<data home>/cinic10``.
+        split: which split to draw from.
+        per_class: default 1,000.
+    """
+
+    def __init__(self, root: str | None = None, split: str = "train", per_class: int | None = 1000, **kwargs) -> None:
+        super().__init__(per_class=per_class, **kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / "cinic10"
+        self.split = split
+
+    def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
+        folder = self.root / self.split
+        if not folder.is_dir():
+            raise InputNotFoundError(
+                f"CINIC-10 not found: {folder} does not exist. Download CINIC-10 from its publishers "
+                "and set `root` to the folder that holds train/, valid/ and test/."
+            )
+        images, labels, _ = load_image_folder(
+            folder, CIFAR10_CLASSES, source.image_size, keep=lambda file: "cifar10" not in file.name
+        )
+        return images, labels
+
+
+class ShiftedData(AuxiliaryData):
+    """Another kind of auxiliary data through a fixed distribution shift: ``shift`` (any
+    torchvision v2 transform, e.g. ``ColorJitter(brightness=0.5)``, ``GaussianBlur(3, (0.1, 2))``,
+    ``GaussianNoise(sigma=0.1)``, ``RandomRotation(30)``) applied once to every image with its own
+    random draw, seeded, so every run sees the same shifted set.
+
+    Args:
+        shift: the transform; it sees float images in [0, 1] and its output is clamped to [0, 1]
+            and stored as uint8 like every image set.
+        base: the images to shift; default :class:`ReservedData` (all of it).
+        seed: seeds the shift's random draws.
+    """
+
+    def __init__(self, shift: v2.Transform, base: AuxiliaryData | None = None, seed: int = 0) -> None:
+        self.shift = shift
+        self.base = base if base is not None else ReservedData()
+        self.seed = seed
+
+    def select(self, source: BackdoorDataModule, victim: Classifier | None = None) -> tuple[Tensor, Tensor]:
+        images, labels = self.base.select(source, victim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            shifted = augment_each(self.shift, images.float().div(255))
+        return shifted.clamp(0, 1).mul(255).round().to(torch.uint8), labels
+
+
+class UnlabeledData(AuxiliaryData):
+    """Any auxiliary data with its labels dropped: the victim's pseudo-labels replace them, so a
+    labelled defense (BTI-DBF, fine-tuning) runs in REFINE's unlabeled setting."""
+
+    def __init__(self, base: AuxiliaryData) -> None:
+        self.base = base
+
+    def select(self, source: BackdoorDataModule, victim: Classifier | None = None) -> tuple[Tensor, Tensor]:
+        images, _ = self.base.select(source, victim)
+        return images, pseudo_labels(victim, images, f"UnlabeledData({type(self.base).__name__})")
 
 
 class DefenseDataModule(InMemoryDataModule):
@@ -150,7 +270,8 @@ class DefenseDataModule(InMemoryDataModule):
         if self._prepared:
             return
         self.source.setup(stage)
-        self.aux_set = ImageTensorDataset(*self.aux_data.select(self.source), transform=self.train_transform())
+        victim = load_victim(self.victim, num_classes=self.num_classes) if self.victim is not None else None
+        self.aux_set = ImageTensorDataset(*self.aux_data.select(self.source, victim), transform=self.train_transform())
         self.attack = self._victim_attack()
         test = self.source.test_set
         self._set_test_sets(test.images, test.labels, self.attack, self.num_classes)

@@ -67,12 +67,16 @@ def decode_files(files: Sequence[Path], size: tuple[int, int] | None = None, des
 
 
 def load_image_folder(
-    root: Path, classes: Sequence[str] | None = None, size: tuple[int, int] | None = None
+    root: Path,
+    classes: Sequence[str] | None = None,
+    size: tuple[int, int] | None = None,
+    keep: Callable[[Path], bool] | None = None,
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Decode an ImageFolder tree (``root/<class>/<image>``) into memory.
 
     Classes are sorted folder names, as torchvision's ``ImageFolder`` orders them, unless
-    ``classes`` fixes the order (and then every one of them must be present).
+    ``classes`` fixes the order (and then every one of them must be present). ``keep`` filters
+    the image files.
     """
     if not root.is_dir():
         raise InputNotFoundError(f"{root} is not a folder.")
@@ -84,7 +88,9 @@ def load_image_folder(
         raise InputNotFoundError(f"{root} lacks the class folders {missing[:5]}.")
     files, labels = [], []
     for label, name in enumerate(classes):
-        batch = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        batch = sorted(
+            f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and (keep is None or keep(f))
+        )
         files += batch
         labels += [label] * len(batch)
     if not files:

@@ -55,6 +55,19 @@ class Classifier(nn.Module):
         """S_b: logits from :meth:`features`; ``head(features(x))`` equals ``forward(x)``."""
         return self.network.head(features)
 
+    @torch.no_grad()
+    def predict_labels(self, images: Tensor, batch_size: int = 512) -> Tensor:
+        """The predicted class of every image (uint8 or [0, 1] float, NCHW), in batches on this
+        classifier's device: a victim's pseudo-labels for data that has no labels of its own."""
+        device = self.mean.device
+        labels = []
+        for batch in images.split(batch_size):
+            batch = batch.to(device)
+            if batch.dtype == torch.uint8:
+                batch = batch.float().div_(255)
+            labels.append(self(batch).argmax(dim=1).cpu())
+        return torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+
     def freeze(self) -> Classifier:
         """Eval mode and no gradients for good: the contract for a victim (contract 2)."""
         self.frozen = True
