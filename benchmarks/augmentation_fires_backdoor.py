@@ -22,7 +22,7 @@ from machine_info import machine
 from torchvision.transforms import v2
 
 from lightning_defense.data import CIFAR10DataModule
-from lightning_defense.data.augmentation import augment_each, refine_augmentation
+from lightning_defense.data.augmentation import RefineAugmentation, augment_each
 from lightning_defense.data.embedded_cifar10 import load_embedded_cifar10
 from lightning_defense.victims import load_victim
 from lightning_defense.victims.victim_file import read_victim_metadata
@@ -43,7 +43,7 @@ def training_images(cifar10_root: str | None, count: int, seed: int) -> torch.Te
 def augmentations(size: int) -> dict[str, v2.Transform | None]:
     return {
         "none": None,
-        "recipe": refine_augmentation(size),
+        "recipe": RefineAugmentation(size),
         "random_resized_crop": v2.RandomResizedCrop(size, scale=(0.8, 1.0)),
         "horizontal_flip": v2.RandomHorizontalFlip(p=1.0),
         "grayscale": v2.RandomGrayscale(p=1.0),

@@ -17,6 +17,7 @@ from lightning_defense.data import (
     UnlabeledData,
     calibrate_inputs,
 )
+from lightning_defense.data.augmentation import RefineAugmentation
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.victims import Classifier, VictimMetadata, load_victim, save_victim
 
@@ -78,7 +79,7 @@ def test_a_poisoned_source_is_refused_and_a_victim_without_attack_needs_one(tmp_
 
 
 def test_refine_augmentation_serves_valid_images(tmp_path):
-    dm = DefenseDataModule(source(), SeenData(), attack=BadNets(), batch_size=16, augment=True)
+    dm = DefenseDataModule(source(), SeenData(), attack=BadNets(), batch_size=16, augmentation=RefineAugmentation())
     dm.setup()
     images, _ = next(iter(dm.train_dataloader()))
     assert images.shape == (16, 3, 32, 32) and images.min() >= 0 and images.max() <= 1

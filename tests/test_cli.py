@@ -153,7 +153,7 @@ def test_missing_data_root_is_one_clear_line(tmp_path):
 SHIPPED = sorted((REPO / "configs").glob("**/*.yaml"))
 
 
-LAYER_BASES = {"refine": "refine.yaml", "btidbf": "btidbf_p.yaml"}
+LAYER_BASES = {"refine": "refine.yaml", "btidbf": "btidbf_p.yaml", "finetune": "finetune.yaml"}
 
 
 def config_command(config: Path) -> list[str]:

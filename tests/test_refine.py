@@ -186,15 +186,16 @@ def test_the_victim_labels_the_images_as_they_are_and_t_learns_on_augmented_ones
 def test_refine_refuses_a_data_module_that_augments_before_the_victim_labels(tmp_path):
     from lightning_defense.attacks import BadNets
     from lightning_defense.data import DefenseDataModule, EmbeddedCIFAR10DataModule, SeenData
+    from lightning_defense.data.augmentation import RefineAugmentation
     from lightning_defense.errors import ConfigurationError
     from lightning_defense.victims import VictimMetadata, save_victim
 
     victim_path = tmp_path / "victim.safetensors"
     save_victim(victim_path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
     module = REFINE(str(victim_path), encoder_depth=3, decoder_channels=(16, 8, 4))
-    data = DefenseDataModule(EmbeddedCIFAR10DataModule(), SeenData(), augment=True)
+    data = DefenseDataModule(EmbeddedCIFAR10DataModule(), SeenData(), augmentation=RefineAugmentation())
     module.trainer = type("Trainer", (), {"datamodule": data})()
-    with pytest.raises(ConfigurationError, match="augment: false"):
+    with pytest.raises(ConfigurationError, match="Remove data.init_args.augmentation"):
         module.setup("fit")
 
 

@@ -1,5 +1,6 @@
 """DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
 
+from lightning_defense.data.augmentation import CropFlip, RefineAugmentation
 from lightning_defense.data.auxiliary import (
     AuxiliaryData,
     CINIC10ImageNetData,
@@ -28,6 +29,8 @@ __all__ = [
     "AuxiliaryData",
     "CINIC10ImageNetData",
     "Calibrated",
+    "CropFlip",
+    "RefineAugmentation",
     "DefenseDataModule",
     "ExternalData",
     "PooledData",

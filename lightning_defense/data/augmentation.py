@@ -1,5 +1,5 @@
-"""REFINE's training augmentation (RandomResizedCrop at scale 0.8 to 1, horizontal flip,
-RandomGrayscale p 0.2), as a dataset transform and as a module that augments a batch."""
+"""Training augmentations as torchvision v2 transforms a config names by ``class_path``, and
+REFINE's augmentation of a batch (a fresh random draw per image)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,22 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 
-def refine_augmentation(size: int | tuple[int, int]) -> v2.Compose:
-    """The official recipe's augmentation, for images of ``size``."""
-    return v2.Compose(
-        [v2.RandomResizedCrop(size, scale=(0.8, 1.0)), v2.RandomHorizontalFlip(), v2.RandomGrayscale(p=0.2)]
-    )
+class CropFlip(v2.Compose):
+    """Random crop after zero padding, and a horizontal flip: the usual training augmentation of
+    CIFAR-style classifiers (no flip for data where mirroring changes the meaning, e.g. signs)."""
+
+    def __init__(self, size: int | tuple[int, int] = 32, padding: int = 4, flip: bool = True) -> None:
+        super().__init__([v2.RandomCrop(size, padding=padding), *([v2.RandomHorizontalFlip()] if flip else [])])
+
+
+class RefineAugmentation(v2.Compose):
+    """The official REFINE recipe's augmentation: RandomResizedCrop at scale 0.8 to 1, horizontal
+    flip, RandomGrayscale p 0.2."""
+
+    def __init__(self, size: int | tuple[int, int] = 32) -> None:
+        super().__init__(
+            [v2.RandomResizedCrop(size, scale=(0.8, 1.0)), v2.RandomHorizontalFlip(), v2.RandomGrayscale(p=0.2)]
+        )
 
 
 def augment_each(transform: v2.Transform, images: Tensor) -> Tensor:
@@ -22,7 +33,7 @@ def augment_each(transform: v2.Transform, images: Tensor) -> Tensor:
 
 
 class BatchAugmentation(nn.Module):
-    """:func:`refine_augmentation` on a batch, a random draw per image."""
+    """:class:`RefineAugmentation` on a batch, a random draw per image."""
 
     def forward(self, images: Tensor) -> Tensor:
-        return augment_each(refine_augmentation(tuple(images.shape[-2:])), images)
+        return augment_each(RefineAugmentation(tuple(images.shape[-2:])), images)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack, attack_from_config
-from lightning_defense.data.augmentation import augment_each, refine_augmentation
+from lightning_defense.data.augmentation import augment_each
 from lightning_defense.data.datamodules import CIFAR10_CLASSES, BackdoorDataModule, InMemoryDataModule
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
@@ -221,13 +221,14 @@ class DefenseDataModule(InMemoryDataModule):
         aux_data: which of its images the defender has.
         victim: victim file whose stored attack builds the poisoned test set.
         attack: the attack to evaluate instead (when the victim file stores none).
-        augment: augment the training images with REFINE's recipe (RandomResizedCrop at scale
-            0.8 to 1, horizontal flip, RandomGrayscale p 0.2). Off by default: an augmentation can
-            fire a backdoor by itself (RandomResizedCrop fires the WaNet victim's), so a defense
-            that labels images with the victim, or votes on its answers, must see the images as
-            they are (REFINE augments T's inputs after labelling, see
+        augmentation: a training augmentation of the auxiliary images (a v2 transform on uint8
+            images, e.g. :class:`~lightning_defense.data.augmentation.CropFlip`), for defenses that
+            train on the given labels (FT). ``None`` (the default) for the others: an augmentation
+            can fire a backdoor by itself (RandomResizedCrop fires the WaNet victim's), so a defense
+            that labels images with the victim, or votes on its answers, must see them as they are
+            (REFINE augments T's inputs after labelling, see
             :class:`~lightning_defense.defenses.REFINE`; BTI-DBF's target vote must come from its
-            generator, so its configs do not augment).
+            generator).
     """
 
     def __init__(
@@ -238,14 +239,14 @@ class DefenseDataModule(InMemoryDataModule):
         attack: Attack | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
-        augment: bool = False,
+        augmentation: v2.Transform | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.source = source
         self.aux_data = aux_data
         self.victim = victim
         self.attack = attack
-        self.augment = augment
+        self.augmentation = augmentation
         self._prepared = False
 
     @property
@@ -264,7 +265,7 @@ class DefenseDataModule(InMemoryDataModule):
         return attack_from_config(metadata.attack)
 
     def train_transform(self) -> v2.Transform | None:
-        return refine_augmentation(self.source.image_size) if self.augment else None
+        return self.augmentation
 
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack
+from lightning_defense.data.augmentation import CropFlip
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
@@ -105,7 +106,7 @@ class BackdoorDataModule(InMemoryDataModule):
     def train_transform(self) -> v2.Transform | None:
         if not self.augment:
             return None
-        return v2.Compose([v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip()])
+        return CropFlip(self.image_size)
 
     def _check_labels(self, labels: Tensor, what: str) -> None:
         if len(labels) and int(labels.max()) >= self.num_classes:
@@ -269,7 +270,7 @@ class GTSRBDataModule(ImageFolderDataModule):
         super().__init__(root, **kwargs)
 
     def train_transform(self) -> v2.Transform | None:
-        return v2.RandomCrop(self.image_size, padding=4) if self.augment else None
+        return CropFlip(self.image_size, flip=False) if self.augment else None
 
 
 class CINIC10DataModule(ImageFolderDataModule):

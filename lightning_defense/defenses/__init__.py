@@ -2,6 +2,15 @@
 
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
+from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
 from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
 
-__all__ = ["REFINE", "BTIDBFPurification", "BTIDBFUnlearning", "BlackBoxREFINE", "DefenseModule"]
+__all__ = [
+    "REFINE",
+    "BTIDBFPurification",
+    "BTIDBFUnlearning",
+    "BlackBoxREFINE",
+    "DefenseModule",
+    "FeatureShiftTune",
+    "FineTune",
+]

@@ -7,6 +7,7 @@ from lightning_defense.victims.victim_file import (
     VictimMetadata,
     load_victim,
     read_victim_metadata,
+    save_repaired_victim,
     save_victim,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "build_network",
     "load_victim",
     "read_victim_metadata",
+    "save_repaired_victim",
     "save_victim",
 ]

@@ -63,6 +63,7 @@ class CifarResNet(nn.Module):
     """
 
     feature_layer = "features"
+    linear_layer = "fc"
 
     def __init__(
         self,
@@ -98,6 +99,7 @@ class CifarResNet(nn.Module):
 
 class VGG16BN(nn.Module):
     feature_layer = "features"
+    linear_layer = "classifier.3"
     _config = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
     def __init__(self, num_classes: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,11 @@ class Classifier(nn.Module):
         """Name (inside this wrapper) of the module that ends the feature extractor S_a."""
         return f"network.{self.network.feature_layer}"
 
+    @property
+    def linear_layer(self) -> nn.Linear:
+        """The last linear layer (the classification head's weights)."""
+        return self.network.get_submodule(self.network.linear_layer)
+
     def normalize(self, images: Tensor) -> Tensor:
         return (images - self.mean) / self.std
 
@@ -73,6 +79,13 @@ class Classifier(nn.Module):
         self.frozen = True
         self.requires_grad_(False)
         return self.train(False)
+
+    def trainable_copy(self) -> Classifier:
+        """A copy that trains (gradients, and train mode when asked): what a defense that repairs
+        the victim fine-tunes, leaving the victim itself frozen."""
+        copy = deepcopy(self)
+        copy.frozen = False
+        return copy.requires_grad_(True)
 
     def train(self, mode: bool = True) -> Classifier:
         return super().train(mode and not self.frozen)

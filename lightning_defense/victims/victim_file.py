@@ -50,6 +50,17 @@ def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetada
     return write_safetensors(path, classifier.state_dict(), metadata.to_strings())
 
 
+def save_repaired_victim(path: str | Path, repaired: Classifier, original: str | Path, repaired_by: str) -> Path:
+    """Write a defense's repaired copy of the victim ``original`` as a victim file with the
+    original's metadata (its attack, so the repaired copy can be evaluated like any victim) and
+    a note of who repaired it."""
+    metadata = read_victim_metadata(original) or VictimMetadata(
+        repaired.arch, repaired.num_classes, repaired.mean.flatten().tolist(), repaired.std.flatten().tolist()
+    )
+    metadata.extra = {**metadata.extra, "repaired_by": repaired_by, "repaired_from": str(original)}
+    return save_victim(path, repaired, metadata)
+
+
 def _missing(path: Path) -> InputNotFoundError:
     return InputNotFoundError(
         f"Victim checkpoint {str(path)!r} does not exist. Train one with "

@@ -30,8 +30,7 @@ from lightning_defense.defenses.refine.deploy import save_defended
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
 from lightning_defense.defenses.transform_net import TransformNet
 from lightning_defense.errors import ConfigurationError
-from lightning_defense.victims import Classifier, load_victim, read_victim_metadata, save_victim
-from lightning_defense.victims.victim_file import VictimMetadata
+from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
 
 OPTIMIZER_BY_PHASE = {"mask": 0, "generator": 1, "defense": 2}
 PHASE_INDEX = {"mask": 0, "generator": 1, "detect": 2, "defense": 3}  # train/phase in the logs
@@ -423,9 +422,6 @@ class BTIDBFUnlearning(BTIDBF):
         return list(self.model.repaired.parameters())
 
     def export(self, folder: Path) -> Path:
-        victim = self.victim
-        metadata = read_victim_metadata(self.hparams.victim) or VictimMetadata(
-            victim.arch, victim.num_classes, victim.mean.flatten().tolist(), victim.std.flatten().tolist()
+        return save_repaired_victim(
+            folder / "repaired_victim.safetensors", self.model.repaired, self.hparams.victim, "BTI-DBF (U)"
         )
-        metadata.extra = {**metadata.extra, "repaired_by": "BTI-DBF (U)", "repaired_from": str(self.hparams.victim)}
-        return save_victim(folder / "repaired_victim.safetensors", self.model.repaired, metadata)

@@ -21,7 +21,6 @@ official code, so the bounds keep their published values.
 
 from __future__ import annotations
 
-import copy
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -319,9 +318,7 @@ class Unlearning(TriggerInversion):
 
     def __init__(self, victim: Classifier, generator: TransformNet, **kwargs) -> None:
         super().__init__(victim, generator, **kwargs)
-        repaired = copy.deepcopy(self.victim)
-        repaired.frozen = False
-        self.repaired = repaired.requires_grad_(True)
+        self.repaired = self.victim.trainable_copy()
 
     def defended(self) -> Classifier:
         return self.repaired

@@ -96,11 +96,11 @@ class REFINE(DefenseModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if self.hparams.augment and getattr(self.trainer.datamodule, "augment", False):
+        if self.hparams.augment and getattr(self.trainer.datamodule, "augmentation", None) is not None:
             raise ConfigurationError(
                 "REFINE augments T's inputs itself, after the victim labelled the images as they are; an "
                 "augmenting data module would hand it augmented images to label (an augmentation can fire "
-                "a backdoor). Set data.init_args.augment: false (or, to label augmented images on purpose, "
+                "a backdoor). Remove data.init_args.augmentation (or, to label augmented images on purpose, "
                 "model.init_args.augment: false)."
             )
 
