@@ -22,11 +22,9 @@ again, so an interrupted sweep continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +32,8 @@ from pathlib import Path
 
 import yaml
 from machine_info import machine
+
+from lightning_defense.study import run_logged, summarize
 
 
 def flatten(args: list) -> list[str]:
@@ -45,59 +45,6 @@ def command(base: list[str], extra: list[str], out: Path, name: str) -> list[str
     configs = [arg for config in base for arg in ("--config", config)]
     logger = ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
     return ["lightning", "fit", *configs, *extra, *logger]
-
-
-def read_metrics(folder: Path) -> list[dict[str, str]]:
-    files = sorted(folder.glob("version_*/metrics.csv"))
-    if not files:
-        return []
-    with files[-1].open() as f:
-        return list(csv.DictReader(f))
-
-
-def summarize(name: str, cmd: list[str], out: Path) -> dict:
-    rows = read_metrics(out / "runs" / name)
-    curves: dict[str, list[float]] = {}
-    last: dict[str, float] = {}
-    validated: list[int] = []  # the epoch of each validation (a config may validate every n epochs)
-    trained = max((int(row["epoch"]) + 1 for row in rows if row.get("epoch")), default=0)
-    for row in rows:
-        if row.get("val/ba"):
-            validated.append(int(row["epoch"]) + 1)
-            for key, value in row.items():
-                if key.startswith("val/") and value:
-                    curves.setdefault(key, []).append(float(value))
-                    last[key] = float(value)
-    timing = out / "logs" / f"{name}.time"
-    wall = float(timing.read_text()) if timing.is_file() else None
-    phases = sorted((out / "runs" / name).glob("version_*/phase_seconds.json"))  # phased defenses (BTI-DBF)
-    return {
-        "name": name,
-        "command": shlex.join(cmd),
-        "wall_s": wall,
-        "epochs": trained,
-        "validated_after_epoch": validated,
-        "last": last,
-        "curves": curves,
-        "phase_seconds": json.loads(phases[-1].read_text()) if phases else None,
-    }
-
-
-def run(name: str, cmd: list[str], out: Path, env: dict[str, str]) -> None:
-    timing = out / "logs" / f"{name}.time"
-    if timing.is_file():
-        print(f"[sweep] {name}: done before, skipped", flush=True)
-        return
-    print(f"[sweep] {name}: {shlex.join(cmd)}", flush=True)
-    start = time.monotonic()
-    # the same program as `lightning`, without relying on the console script being installed
-    argv = [sys.executable, "-m", "lightning_defense", *cmd[1:]]
-    with (out / "logs" / f"{name}.log").open("w") as log:
-        code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.monotonic() - start
-    if code == 0:
-        timing.write_text(f"{wall:.1f}")
-    print(f"[sweep] {name}: exit {code} after {wall / 60:.1f} min", flush=True)
 
 
 def table(results: list[dict]) -> str:
@@ -169,8 +116,8 @@ def main() -> None:
     commands = {name: command(spec["base"], v, args.out, name) for name, v in variants.items()}
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda item: run(item[0], item[1], args.out, env), commands.items()))
-    results = [summarize(name, cmd, args.out) for name, cmd in commands.items()]
+        list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
+    results = [summarize(name, shlex.join(cmd), args.out) for name, cmd in commands.items()]
     summary = {
         "machine": machine(),
         "jobs": args.jobs,

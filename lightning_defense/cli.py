@@ -85,6 +85,12 @@ def _user_error(err: BaseException | None) -> UserInputError | None:
 
 
 def _run(args: list[str] | None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["study"]:  # a grid of fit runs (lightning_defense.study), beside Lightning's subcommands
+        from lightning_defense.study import main as study
+
+        study(argv[1:])
+        return
     DefenseCLI(
         LightningModule,
         LightningDataModule,

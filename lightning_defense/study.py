@@ -1,0 +1,284 @@
+"""Grids of ordinary runs: the auxiliary-data study and the benchmark sweeps share this runner.
+
+``lightning-defense study --config configs/studies/aux_shift.yaml`` runs every cell of
+defenses x auxiliary data x {without, with GIC} against one victim. Each cell is a normal
+``lightning fit`` whose whole configuration is first written to ``<out>/cells/<cell>.yaml``, so a
+cell can be rerun alone with ``lightning fit --config <out>/cells/<cell>.yaml``; its Lightning
+folder is ``<out>/runs/<cell>/`` and its output ``<out>/logs/<cell>.log``. Finished cells
+(``logs/<cell>.time``, written only when a run exits 0) are not run again, so an interrupted
+study continues where it stopped. At the end the study writes ``results.csv``, ``results.md``
+(BA / ASR per cell) and ``results.png`` (grouped bars) to ``<out>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_defense.errors import ConfigurationError
+
+
+def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None = None, tag: str = "study") -> int:
+    """Run ``lightning <argv>`` with its output in ``<out>/logs/<name>.log``; skipped when a
+    previous run of ``name`` finished (``<out>/logs/<name>.time`` holds its wall seconds)."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    timing = logs / f"{name}.time"
+    if timing.is_file():
+        print(f"[{tag}] {name}: done before, skipped", flush=True)
+        return 0
+    print(f"[{tag}] {name}: lightning {shlex.join(argv)}", flush=True)
+    start = time.monotonic()
+    # the same program as `lightning`, without relying on the console script being installed
+    with (logs / f"{name}.log").open("w") as log:
+        code = subprocess.run(
+            [sys.executable, "-m", "lightning_defense", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+        ).returncode
+    wall = time.monotonic() - start
+    if code == 0:
+        timing.write_text(f"{wall:.1f}")
+    print(f"[{tag}] {name}: exit {code} after {wall / 60:.1f} min", flush=True)
+    return code
+
+
+def read_metrics(folder: Path) -> list[dict[str, str]]:
+    """The rows of the newest ``version_*/metrics.csv`` under a Lightning run folder."""
+    files = sorted(folder.glob("version_*/metrics.csv"))
+    if not files:
+        return []
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(name: str, command: str, out: Path) -> dict[str, Any]:
+    """Per run: its command, wall time, epochs, last validation metrics and their curves."""
+    rows = read_metrics(out / "runs" / name)
+    curves: dict[str, list[float]] = {}
+    last: dict[str, float] = {}
+    validated: list[int] = []  # the epoch of each validation (a config may validate every n epochs)
+    trained = max((int(row["epoch"]) + 1 for row in rows if row.get("epoch")), default=0)
+    for row in rows:
+        if row.get("val/ba"):
+            validated.append(int(row["epoch"]) + 1)
+            for key, value in row.items():
+                if key.startswith("val/") and value:
+                    curves.setdefault(key, []).append(float(value))
+                    last[key] = float(value)
+    timing = out / "logs" / f"{name}.time"
+    phases = sorted((out / "runs" / name).glob("version_*/phase_seconds.json"))  # phased defenses (BTI-DBF)
+    return {
+        "name": name,
+        "command": command,
+        "wall_s": float(timing.read_text()) if timing.is_file() else None,
+        "epochs": trained,
+        "validated_after_epoch": validated,
+        "last": last,
+        "curves": curves,
+        "phase_seconds": json.loads(phases[-1].read_text()) if phases else None,
+    }
+
+
+@dataclass
+class Cell:
+    defense: str
+    aux: str
+    calibrated: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.defense}__{self.aux}" + ("__gic" if self.calibrated else "")
+
+
+@dataclass
+class Study:
+    """A grid of runs: every defense on every kind of auxiliary data, without and with GIC.
+
+    Args:
+        victim: the victim file every cell defends (set as both ``model.init_args.victim`` and
+            ``data.init_args.victim``).
+        defenses: name -> arguments of ``lightning fit`` that make that defense, e.g.
+            ``[--config, configs/finetune.yaml]``; its data module must be a DefenseDataModule.
+        aux_data: name -> the ``data.init_args.aux_data`` of that kind (``class_path``/``init_args``).
+        calibration: ``init_args`` of :class:`~lightning_defense.data.Calibrated` for the
+            "with GIC" cells; ``None`` runs only the cells without.
+        without_calibration: also run the cells without GIC.
+        arguments: extra ``lightning fit`` arguments for every cell (e.g. fewer epochs).
+        out: the study folder.
+        jobs: cells run at the same time.
+        threads: OMP_NUM_THREADS per cell (0: leave it).
+    """
+
+    victim: str
+    defenses: dict[str, list[str]]
+    aux_data: dict[str, dict[str, Any]]
+    calibration: dict[str, Any] | None = field(default_factory=dict)
+    without_calibration: bool = True
+    arguments: list[str] = field(default_factory=list)
+    out: str = "runs/study"
+    jobs: int = 1
+    threads: int = 0
+
+    def cells(self) -> list[Cell]:
+        calibrated = [False] * self.without_calibration + [True] * (self.calibration is not None)
+        if not (self.defenses and self.aux_data and calibrated):
+            raise ConfigurationError("A study needs at least one defense, one kind of aux_data and one GIC setting.")
+        return [Cell(d, a, c) for d in self.defenses for a in self.aux_data for c in calibrated]
+
+    def aux_config(self, cell: Cell) -> dict[str, Any]:
+        aux = self.aux_data[cell.aux]
+        if not cell.calibrated:
+            return aux
+        return {
+            "class_path": "lightning_defense.data.Calibrated",
+            "init_args": {"base": aux, **(self.calibration or {})},
+        }
+
+    def fit_arguments(self, cell: Cell, out: Path) -> list[str]:
+        return [
+            *self.defenses[cell.defense],
+            "--model.init_args.victim", self.victim,
+            "--data.init_args.victim", self.victim,
+            "--data.init_args.aux_data", json.dumps(self.aux_config(cell)),
+            *self.arguments,
+            "--trainer.logger.init_args.save_dir", str(out / "runs"),
+            "--trainer.logger.init_args.name", cell.name,
+        ]  # fmt: skip
+
+    def write_cell_config(self, cell: Cell, out: Path, env: dict[str, str]) -> Path:
+        """The cell's whole configuration as one file (``lightning fit --print_config``)."""
+        path = out / "cells" / f"{cell.name}.yaml"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            command = [
+                sys.executable,
+                "-m",
+                "lightning_defense",
+                "fit",
+                *self.fit_arguments(cell, out),
+                "--print_config",
+            ]
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise ConfigurationError(f"Cell {cell.name} has a bad configuration:\n{done.stderr.strip()[-2000:]}")
+            path.write_text(done.stdout)
+        return path
+
+    def run(self) -> list[dict[str, Any]]:
+        out = Path(self.out)
+        env = dict(os.environ)
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        cells = self.cells()
+        configs = {cell.name: self.write_cell_config(cell, out, env) for cell in cells}  # bad cells fail first
+        with ThreadPoolExecutor(self.jobs) as pool:
+            codes = list(
+                pool.map(lambda c: run_logged(c.name, ["fit", "--config", str(configs[c.name])], out, env), cells)
+            )
+        results = []
+        for cell, code in zip(cells, codes, strict=True):
+            summary = summarize(cell.name, f"lightning fit --config {configs[cell.name]}", out)
+            results.append({**summary, "defense": cell.defense, "aux": cell.aux, "gic": cell.calibrated, "exit": code})
+        write_results(results, out)
+        failed = [r["name"] for r in results if r["exit"] != 0]
+        if failed:
+            print(f"[study] failed cells (see {out / 'logs'}): {', '.join(failed)}", flush=True)
+        return results
+
+
+METRICS = ("val/ba", "val/asr", "val/victim_ba", "val/victim_asr")
+
+
+def write_results(results: list[dict[str, Any]], out: Path) -> None:
+    """``results.csv`` (a line a cell), ``results.md`` (BA / ASR, aux kinds x defenses) and ``results.png``."""
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["cell", "defense", "aux_data", "gic", *(m.split("/")[1] for m in METRICS), "epochs", "wall_s", "command"]
+        )
+        for r in results:
+            values = [f"{100 * r['last'][m]:.2f}" if m in r["last"] else "" for m in METRICS]
+            writer.writerow(
+                [r["name"], r["defense"], r["aux"], r["gic"], *values, r["epochs"], r["wall_s"] or "", r["command"]]
+            )
+    (out / "results.md").write_text(markdown_table(results) + "\n")
+    plot_results(results, out / "results.png")
+
+
+def _cell_text(result: dict[str, Any] | None) -> str:
+    if result is None or "val/ba" not in result["last"]:
+        return "–"
+    return f"{100 * result['last']['val/ba']:.2f} / {100 * result['last']['val/asr']:.2f}"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """Rows: kinds of auxiliary data; columns: defense (and GIC); cells: BA % / ASR %."""
+    by_key = {(r["defense"], r["aux"], r["gic"]): r for r in results}
+    columns = list(dict.fromkeys((r["defense"], r["gic"]) for r in results))
+    names = [f"{d} + GIC" if g else d for d, g in columns]
+    lines = ["| aux data | " + " | ".join(names) + " |", "|---|" + "---|" * len(columns)]
+    for aux in dict.fromkeys(r["aux"] for r in results):
+        lines.append(f"| {aux} | " + " | ".join(_cell_text(by_key.get((d, aux, g))) for d, g in columns) + " |")
+    victim = next((r["last"] for r in results if "val/victim_ba" in r["last"]), None)
+    if victim:
+        lines.append(
+            f"\nBA % / ASR % of the defended model; the victim: BA {100 * victim['val/victim_ba']:.2f} / "
+            f"ASR {100 * victim['val/victim_asr']:.2f}."
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: one panel per defense and metric, a group per kind of data, a bar per GIC setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defenses = list(dict.fromkeys(r["defense"] for r in results))
+    auxes = list(dict.fromkeys(r["aux"] for r in results))
+    settings = sorted({r["gic"] for r in results})
+    by_key = {(r["defense"], r["aux"], r["gic"]): r for r in results}
+    figure, axes = plt.subplots(2, len(defenses), figsize=(4.5 * len(defenses), 6.5), squeeze=False, sharey="row")
+    width = 0.8 / len(settings)
+    for col, defense in enumerate(defenses):
+        for row, (metric, title) in enumerate((("val/ba", "BA %"), ("val/asr", "ASR %"))):
+            ax = axes[row][col]
+            for i, gic in enumerate(settings):
+                heights = [
+                    100 * by_key.get((defense, a, gic), {"last": {}})["last"].get(metric, float("nan")) for a in auxes
+                ]
+                positions = [x + (i - (len(settings) - 1) / 2) * width for x in range(len(auxes))]
+                bars = ax.bar(positions, heights, width, label="with GIC" if gic else "without GIC")
+                ax.bar_label(bars, fmt="%.1f", fontsize=6)
+            ax.set_ylim(0, 105)
+            ax.set_xticks(range(len(auxes)), auxes, rotation=30, ha="right", fontsize=8)
+            ax.set_title(f"{defense}: {title}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``lightning-defense study --config <study.yaml> [--out ...] [--jobs ...]``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lightning-defense study", description=__doc__)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(Study, fail_untyped=True)
+    values = parser.parse_args(args).as_dict()
+    values.pop("config", None)
+    values.pop("__path__", None)
+    results = Study(**values).run()
+    if any(r["exit"] != 0 for r in results):
+        raise SystemExit(1)

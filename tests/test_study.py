@@ -1,0 +1,66 @@
+"""The study runner: a tiny grid end to end through the console script."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lightning_defense.attacks import BadNets
+from lightning_defense.victims import Classifier, VictimMetadata, save_victim
+
+
+def test_a_tiny_study_runs_every_cell_and_tabulates_them(tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    save_victim(victim, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets(target=1).config()))
+    source = {"train_per_class": 8, "test_per_class": 4, "reserved_fraction": 0.25}
+    defense = {
+        "seed_everything": 0,
+        "model": {"class_path": "FineTune", "init_args": {"victim": "unset"}},
+        "data": {
+            "class_path": "DefenseDataModule",
+            "init_args": {
+                "source": {"class_path": "SyntheticDataModule", "init_args": source},
+                "aux_data": {"class_path": "SeenData"},
+                "batch_size": 8,
+            },
+        },
+        "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "enable_model_summary": False},
+    }
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(defense))
+    study = {
+        "victim": str(victim),
+        "defenses": {"ft": ["--config", str(tmp_path / "ft.yaml")]},
+        "aux_data": {
+            "seen": {"class_path": "SeenData", "init_args": {"per_class": 2}},
+            "reserved": {"class_path": "ReservedData", "init_args": {"per_class": 2}},
+        },
+        "calibration": {"steps": 2, "cache_dir": str(tmp_path / "gic")},
+        "out": str(tmp_path / "study"),
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_defense", "study", "--config", str(tmp_path / "study.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-2000:]
+    out = tmp_path / "study"
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == ["ft__seen", "ft__seen__gic", "ft__reserved", "ft__reserved__gic"]
+    assert all(r["ba"] and r["asr"] and r["victim_ba"] for r in rows)
+    assert len(list((tmp_path / "gic").glob("gic_*.safetensors"))) == 2  # GIC ran once per kind of data
+    table = (out / "results.md").read_text()
+    assert "| aux data | ft | ft + GIC |" in table and "| reserved |" in table
+    assert (out / "results.png").stat().st_size > 10_000
+    # each cell is a normal run: its config reruns it alone
+    cell = yaml.safe_load((out / "cells" / "ft__reserved__gic.yaml").read_text())
+    assert cell["data"]["init_args"]["aux_data"]["class_path"].endswith("Calibrated")
+    assert cell["model"]["init_args"]["victim"] == str(victim)
+    # a second invocation skips the finished cells
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4
+    assert Path(out / "logs" / "ft__seen.log").read_text()
