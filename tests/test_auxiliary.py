@@ -10,9 +10,11 @@ from lightning_defense.data import (
     CINIC10ImageNetData,
     DefenseDataModule,
     ExternalData,
+    ProceduralData,
     ReservedData,
     SeenData,
     ShiftedData,
+    SyntheticData,
     SyntheticDataModule,
     UnlabeledData,
     calibrate_inputs,
@@ -220,3 +222,26 @@ def test_calibrated_data_is_computed_once_and_cached(tmp_path, monkeypatch):
     assert torch.equal(again.aux_set.images, dm.aux_set.images)
     with pytest.raises(AssertionError, match="calibrated again"):  # other settings, other cache entry
         DefenseDataModule(source(), calibrated(steps=4), victim=path).setup()
+
+
+def test_synthetic_data_samples_new_images_around_each_class_of_its_base():
+    dm = DefenseDataModule(source(), SyntheticData(per_class=7, seed=1), attack=BadNets())
+    dm.setup()
+    images, labels = dm.aux_set.images.float(), dm.aux_set.labels
+    assert labels.bincount().tolist() == [7] * 10
+    base, base_labels = dm.source.reserved_images.float(), dm.source.reserved_labels
+    means = torch.stack([base[base_labels == c].mean(0) for c in range(10)]).flatten(1)
+    nearest_mean = torch.cdist(images.flatten(1), means).argmin(dim=1)
+    assert (nearest_mean == labels).float().mean() > 0.9  # samples sit around their own class
+    assert torch.cdist(images.flatten(1), base.flatten(1)).min() > 1.0  # and copy no base image
+    again = DefenseDataModule(source(), SyntheticData(per_class=7, seed=1), attack=BadNets())
+    again.setup()
+    assert torch.equal(again.aux_set.images, dm.aux_set.images)
+
+
+def test_procedural_data_is_labelled_by_the_victim(tmp_path):
+    path = victim_file(tmp_path, BadNets())
+    dm = DefenseDataModule(source(), ProceduralData(count=50), victim=path)
+    dm.setup()
+    assert len(dm.aux_set) == 50
+    assert torch.equal(dm.aux_set.labels, load_victim(path).predict_labels(dm.aux_set.images))

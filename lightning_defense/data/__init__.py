@@ -23,7 +23,7 @@ from lightning_defense.data.datamodules import (
 )
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
 from lightning_defense.data.embedded_cifar10 import EmbeddedCIFAR10DataModule, load_embedded_cifar10
-from lightning_defense.data.synthetic import SyntheticDataModule, procedural_images
+from lightning_defense.data.synthetic import ProceduralData, SyntheticData, SyntheticDataModule, procedural_images
 
 __all__ = [
     "AuxiliaryData",
@@ -34,9 +34,11 @@ __all__ = [
     "DefenseDataModule",
     "ExternalData",
     "PooledData",
+    "ProceduralData",
     "ReservedData",
     "SeenData",
     "ShiftedData",
+    "SyntheticData",
     "UnlabeledData",
     "calibrate_inputs",
     "BackdoorDataModule",
