@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lightning_defense.attacks import BadNets
+from lightning_defense.study import Study
 from lightning_defense.victims import Classifier, VictimMetadata, save_victim
 
 
@@ -64,3 +66,19 @@ def test_a_tiny_study_runs_every_cell_and_tabulates_them(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done before, skipped") == 4
     assert Path(out / "logs" / "ft__seen.log").read_text()
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", STUDIES, ids=lambda p: p.name)
+def test_every_shipped_study_makes_valid_cell_configs(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(config.parents[2])
+    study = Study(**yaml.safe_load(config.read_text()))
+    cells = study.cells()
+    assert len({c.name for c in cells}) == len(study.defenses) * len(study.aux_data) * 2
+    for cell in (cells[0], cells[-1]):  # every cell would take minutes to print; ends cover both GIC settings
+        printed = yaml.safe_load(study.write_cell_config(cell, tmp_path, dict(os.environ)).read_text())
+        aux = printed["data"]["init_args"]["aux_data"]
+        assert aux["class_path"].endswith("Calibrated") == cell.calibrated
+        assert printed["model"]["init_args"]["victim"] == study.victim
