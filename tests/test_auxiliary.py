@@ -245,3 +245,14 @@ def test_procedural_data_is_labelled_by_the_victim(tmp_path):
     dm.setup()
     assert len(dm.aux_set) == 50
     assert torch.equal(dm.aux_set.labels, load_victim(path).predict_labels(dm.aux_set.images))
+
+
+def test_setting_up_the_defenders_data_leaves_the_global_random_stream_alone(tmp_path):
+    # a run's shuffling and augmentation draws must not depend on which aux kind it uses
+    path = victim_file(tmp_path, BadNets())
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for aux in (SeenData(), UnlabeledData(ReservedData()), ShiftedData(v2.RandomRotation(30))):
+        torch.manual_seed(0)
+        DefenseDataModule(source(), aux, victim=path).setup()
+        assert torch.equal(torch.rand(3), expected), type(aux).__name__

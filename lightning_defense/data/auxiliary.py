@@ -271,7 +271,10 @@ class DefenseDataModule(InMemoryDataModule):
         if self._prepared:
             return
         self.source.setup(stage)
-        victim = load_victim(self.victim, num_classes=self.num_classes) if self.victim is not None else None
+        victim = None
+        if self.victim is not None:
+            with torch.random.fork_rng(devices=[]):  # building the network draws weights: keep the run's stream
+                victim = load_victim(self.victim, num_classes=self.num_classes)
         self.aux_set = ImageTensorDataset(*self.aux_data.select(self.source, victim), transform=self.train_transform())
         self.attack = self._victim_attack()
         test = self.source.test_set
