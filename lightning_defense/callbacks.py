@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_defense.errors import UserInputError
+
 # a figure row: its label, [0, 1] images, and one title per image
 FigureRow = tuple[str, Tensor, list[str]]
 
@@ -44,6 +46,44 @@ class EpochSummary(Callback):
         metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(fresh.items()))
         elapsed = time.monotonic() - getattr(self, "start", time.monotonic())
         rank_zero_info(f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} [{elapsed / 60:.1f} min]: {metrics}")
+
+
+class TrainingDivergedError(UserInputError):
+    """The training loss or the trained weights stopped being finite."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """End training at the first NaN or infinite training loss (the returned one or any logged
+    ``train/...``), naming the step, the fix and the last good checkpoint.
+
+    Checkpoints are written at the end of an epoch after this check (and after one of the trained
+    weights), so ``last.ckpt`` never holds diverged weights. Under DDP every rank stops together.
+    """
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        losses = dict(outputs) if isinstance(outputs, dict) else {"loss": outputs} if outputs is not None else {}
+        losses |= {k: v for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        bad = sorted(k for k, v in losses.items() if isinstance(v, Tensor) and v.numel() == 1 and not v.isfinite())
+        names = ", ".join(bad) or "on another process"
+        self._stop_if(trainer, bool(bad), f"the training loss ({names}) became non-finite")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trained = [p for p in pl_module.parameters() if p.requires_grad]
+        broken = not all(bool(p.isfinite().all()) for p in trained)
+        self._stop_if(trainer, broken, "the trained weights became non-finite")
+
+    def _stop_if(self, trainer: Trainer, local: bool, what: str) -> None:
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+            return
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        resume = f" The last good checkpoint is {last}." if last else " No checkpoint was written before."
+        raise TrainingDivergedError(
+            f"Training diverged: {what} at step {trainer.global_step} (epoch {trainer.current_epoch}). Lower the "
+            "learning rate (the optimizer's lr), or use bf16-mixed instead of 16-mixed precision, and start "
+            f"again.{resume}"
+        )
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -6,20 +6,52 @@ registers every LightningModule and DataModule, so short class names resolve.
 
 from __future__ import annotations
 
+import errno
+import inspect
 import os
 import pickle
+import re
 import sys
+import zipfile
+from pathlib import Path
 from typing import Any
 
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentError, lazy_instance
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
-from lightning_defense.callbacks import EpochSummary
-from lightning_defense.errors import UntrustedCheckpointError, UserInputError
+from lightning_defense.callbacks import EpochSummary, StopOnNonFiniteLoss
+from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
+
+# `ckpt_path` values that Lightning resolves itself
+SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """A checkpoint to resume from must exist and be a whole torch file (a zip archive: a file cut
+    short by a crash or a full disk has lost its central directory)."""
+    if not path.is_file():
+        raise InputNotFoundError(
+            f"Checkpoint {str(path)!r} does not exist. To resume a run, pass its checkpoints/last.ckpt "
+            "(or `--ckpt_path last` with the same logger settings); to start over, leave out --ckpt_path."
+        )
+    if not zipfile.is_zipfile(path):
+        raise UntrustedCheckpointError(
+            f"Checkpoint {str(path)!r} is damaged or truncated (not a complete torch checkpoint). Resume from "
+            "another checkpoint of the run (its checkpoints/ folder) or start over without --ckpt_path."
+        )
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 class DefenseCLI(LightningCLI):
@@ -33,7 +65,28 @@ class DefenseCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         if not sys.stdout.isatty() and not any(isinstance(c, EpochSummary) for c in given):
             callbacks = [*callbacks, EpochSummary()]  # a log file gets a line per epoch instead
+        if not any(isinstance(c, StopOnNonFiniteLoss) for c in given):
+            callbacks = [*callbacks, StopOnNonFiniteLoss()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint before Lightning reads it, and say which settings of this command
+        the checkpoint's own override: LightningCLI takes the model's settings from the
+        checkpoint on resume, and would otherwise drop changed ones silently."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or ckpt_path in SPECIAL_CHECKPOINTS or "://" in str(ckpt_path):
+            return super()._parse_ckpt_path()
+        check_checkpoint_file(Path(ckpt_path))
+        given = _flatten(self.config[subcommand].get("model"), "model.")
+        super()._parse_ckpt_path()
+        used = _flatten(self.config[subcommand].get("model"), "model.")
+        changed = [f"{k}: {given[k]!r} -> {used[k]!r}" for k in sorted(given) if k in used and given[k] != used[k]]
+        if changed:
+            rank_zero_warn(
+                f"Resuming from {ckpt_path}: the checkpoint's model settings replace these of the command "
+                f"(given -> used): {'; '.join(changed)}. Start a new run (no --ckpt_path) to change them."
+            )
 
     def _load_weights_only(self) -> None:
         """Contract 3: `--ckpt_path` is read with `weights_only=True`, whatever the config says
@@ -57,6 +110,11 @@ def main(args: list[str] | None = None) -> None:
     """
     try:
         _run(args)
+    except ArgumentError as err:  # a malformed config: jsonargparse's message without its usage wall
+        if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
+            raise
+        print(f"error: {config_error_message(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except pickle.UnpicklingError:
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
             raise
@@ -75,11 +133,53 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+_NOISE = ("Does not validate against any of", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>", "Given value")
+
+
+def _known_classes(base: type) -> list[str]:
+    found, stack = set(), [base]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            stack.append(sub)
+            abstract = any(getattr(inspect.getattr_static(sub, n), "__isabstractmethod__", False) for n in dir(sub))
+            if sub.__module__.startswith("lightning_defense") and not abstract:
+                found.add(sub.__name__)
+    return sorted(found)
+
+
+def config_error_message(message: str) -> str:
+    """jsonargparse's error without the type-union noise; an unknown class name gets the known ones."""
+    lines = [line for line in message.splitlines() if line.strip(" -") and not line.strip(" -").startswith(_NOISE)]
+    text = "\n".join(lines)
+    unknown = re.search(r"Expected a dot import path string: (\S+)", text)
+    if unknown:
+        key = re.search(r'Parser key "(\w+)"', text)
+        base = {"model": LightningModule, "data": LightningDataModule}.get(key.group(1) if key else "")
+        known = f": use one of {', '.join(_known_classes(base))}" if base else ""
+        text = text.replace(unknown.group(0), f"{unknown.group(1)!r} is not a class lightning-defense knows{known}")
+    return text + "\n`lightning fit --help` lists the options; `--print_config` shows the config as parsed."
+
+
 def _user_error(err: BaseException | None) -> UserInputError | None:
-    """Our own input error behind ``err``: jsonargparse wraps those raised while instantiating."""
+    """The user's input error behind ``err``: ours (jsonargparse wraps those raised while
+    instantiating), a full disk, or a checkpoint whose weights do not fit the model."""
     while err is not None:
         if isinstance(err, UserInputError):
             return err
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            where = f" while writing {err.filename}" if err.filename else ""
+            return UserInputError(
+                f"No space left on the device{where}. Free some space, or point the run folder at another "
+                "disk (trainer.logger.init_args.save_dir); checkpoints are written atomically, so the last "
+                "complete one is intact: resume from it with --ckpt_path."
+            )
+        if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+            detail = " ".join(line.strip() for line in str(err).splitlines()[1:3] if line.strip())[:400]
+            return UserInputError(
+                f"The checkpoint's weights do not fit this model ({detail}): it was trained with another "
+                "class count, input or architecture. Use a checkpoint of this configuration, or the matching "
+                "model and data."
+            )
         err = err.__cause__ or err.__context__
     return None
 
@@ -98,6 +198,7 @@ def _run(args: list[str] | None) -> None:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # main() prints config errors without the usage wall
         trainer_defaults={
             # every training epoch, also in configs that validate every n epochs (Lightning would then
             # save only after validation, and an interruption could lose n epochs)

@@ -276,6 +276,11 @@ class DefenseDataModule(InMemoryDataModule):
             with torch.random.fork_rng(devices=[]):  # building the network draws weights: keep the run's stream
                 victim = load_victim(self.victim, num_classes=self.num_classes)
         self.aux_set = ImageTensorDataset(*self.aux_data.select(self.source, victim), transform=self.train_transform())
+        if len(self.aux_set) == 0:
+            raise ConfigurationError(
+                f"The auxiliary data ({type(self.aux_data).__name__}) holds no images: check its source, its "
+                "folder and per_class/fraction."
+            )
         self.attack = self._victim_attack()
         test = self.source.test_set
         self._set_test_sets(test.images, test.labels, self.attack, self.num_classes)
