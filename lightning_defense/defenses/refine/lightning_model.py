@@ -106,9 +106,15 @@ class REFINE(DefenseModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, _ = batch  # auxiliary labels are never used
-        losses = self.model.loss(images)
+        losses = self.model.loss(images, gather=self.gather_batch)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
+
+    def gather_batch(self, tensor: Tensor) -> Tensor:
+        """``tensor`` of every process, concatenated along the batch (with gradients); itself on one."""
+        if getattr(self._trainer, "world_size", 1) == 1:
+            return tensor
+        return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
 
     def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
         """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's
@@ -207,7 +213,7 @@ class BlackBoxREFINE(REFINE):
         # log-probabilities are logits of the same distribution: all the loss needs of the victim
         # floored at the smallest normal float, so that even a tempered target stays faithful
         log_probabilities = probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
-        losses = self.model.loss(images, log_probabilities, classifier=self.surrogate)
+        losses = self.model.loss(images, log_probabilities, classifier=self.surrogate, gather=self.gather_batch)
         self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
         return losses["loss"]
 

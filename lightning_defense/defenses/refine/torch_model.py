@@ -10,6 +10,7 @@ plus a supervised contrastive term on T's outputs that pulls images of one pseud
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -142,7 +143,11 @@ class Refine(nn.Module):
         return self.label_permutation(self.victim(self.transform_net(images)))
 
     def loss(
-        self, images: Tensor, victim_logits: Tensor | None = None, classifier: nn.Module | None = None
+        self,
+        images: Tensor,
+        victim_logits: Tensor | None = None,
+        classifier: nn.Module | None = None,
+        gather: Callable[[Tensor], Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """REFINE's loss on a batch; returns the total and its parts.
 
@@ -150,7 +155,10 @@ class Refine(nn.Module):
         ``victim_logits`` are F's outputs on ``images`` when the caller has them (any logits that
         give the victim's probabilities will do, e.g. their log). ``classifier`` stands in for the
         victim in the loss (black-box mode trains T against a surrogate, since a black-box victim
-        gives no gradients).
+        gives no gradients). ``gather`` concatenates a tensor over all processes, with gradients,
+        so that under data parallelism SupCon contrasts the global batch as on one device (every
+        process computes the same global term; the gradient averaging of DDP then yields the
+        global term's gradient); the other terms are means over the local batch.
         """
         if victim_logits is None:
             victim_logits = self.victim_logits(images)
@@ -166,7 +174,10 @@ class Refine(nn.Module):
             parts["encoder"] = self.classification(encoder_logits.float(), victim_logits, pseudo_labels)
             total = total + self.encoder_head_weight * parts["encoder"]
         if self.contrastive_weight > 0:
-            parts["contrastive"] = supervised_contrastive_loss(transformed, pseudo_labels, self.temperature)
+            features, labels = transformed, pseudo_labels
+            if gather is not None:
+                features, labels = gather(features), gather(labels)
+            parts["contrastive"] = supervised_contrastive_loss(features, labels, self.temperature)
             total = total + self.contrastive_weight * parts["contrastive"]
         return {"loss": total, **parts}
 
