@@ -465,9 +465,9 @@ def test_black_box_soft_targets_stay_faithful_for_a_very_confident_victim(tmp_pa
     seen = {}
     loss = module.model.loss
 
-    def recording_loss(images, victim_logits=None, classifier=None):
+    def recording_loss(images, victim_logits=None, classifier=None, gather=None):
         seen["victim_logits"] = victim_logits
-        return loss(images, victim_logits, classifier)
+        return loss(images, victim_logits, classifier, gather)
 
     monkeypatch.setattr(module.model, "loss", recording_loss)
     module.training_step((torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)), 0)
