@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, StopOnNonFiniteLoss
+from lightning_defense.checkpoint_io import AtomicCheckpointIO
 from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
 
 # `ckpt_path` values that Lightning resolves itself
@@ -204,6 +205,7 @@ def _run(args: list[str] | None) -> None:
             # save only after validation, and an interruption could lose n epochs)
             "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
+            "plugins": [AtomicCheckpointIO()],
         },
         args=args,
     )

@@ -155,3 +155,26 @@ def test_config_errors_keep_the_reason_and_drop_the_type_noise():
     message = config_error_message(raw)
     assert message.startswith('Parser key "model":') and "'Nope' is not a class" in message
     assert "REFINE" in message and "Subtypes" not in message and "NoneType" not in message
+
+
+class _FailsHalfway:
+    def __reduce__(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_checkpoint_write_that_fails_halfway_leaves_the_previous_one_whole(tmp_path):
+    from lightning_defense.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "payload": _FailsHalfway()}, path)
+    assert path.read_bytes() == before and torch.load(path, weights_only=True)["epoch"] == 1
+    assert list(path.parent.iterdir()) == [path]  # no partial file left behind
+
+
+def test_runs_write_their_checkpoints_through_the_atomic_writer(tmp_path):
+    result = lightning("fit", "--config", str(tiny_config(tmp_path)), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0 and "AtomicCheckpointIO" in result.stdout
