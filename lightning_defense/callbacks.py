@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -46,6 +48,37 @@ class EpochSummary(Callback):
         metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(fresh.items()))
         elapsed = time.monotonic() - getattr(self, "start", time.monotonic())
         rank_zero_info(f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} [{elapsed / 60:.1f} min]: {metrics}")
+
+
+class RandomStateCheckpoint(Callback):
+    """Save the global random state (torch, CUDA, Python, NumPy) in every checkpoint and restore it
+    on resume, so a resumed run draws the same shuffles, augmentations and noise as one that was
+    never interrupted (Lightning restores weights, optimizers and loops, not random state).
+
+    Stored as tensors and plain numbers, so checkpoints stay loadable with ``weights_only=True``.
+    """
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        version, state, gauss = random.getstate()
+        numpy_state = np.random.get_state()
+        checkpoint["random_state"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": [version, list(state), gauss],
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        }
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("random_state")
+        if saved is None:  # a checkpoint from before this callback: resume as Lightning does
+            return
+        torch.set_rng_state(saved["torch"])
+        if saved["cuda"] and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved["cuda"])
+        version, state, gauss = saved["python"]
+        random.setstate((version, tuple(state), gauss))
+        name, keys, *rest = saved["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
 class TrainingDivergedError(UserInputError):

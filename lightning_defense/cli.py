@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
-from lightning_defense.callbacks import EpochSummary, StopOnNonFiniteLoss
+from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
 from lightning_defense.checkpoint_io import AtomicCheckpointIO
 from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
 
@@ -66,8 +66,9 @@ class DefenseCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         if not sys.stdout.isatty() and not any(isinstance(c, EpochSummary) for c in given):
             callbacks = [*callbacks, EpochSummary()]  # a log file gets a line per epoch instead
-        if not any(isinstance(c, StopOnNonFiniteLoss) for c in given):
-            callbacks = [*callbacks, StopOnNonFiniteLoss()]
+        for default in (StopOnNonFiniteLoss, RandomStateCheckpoint):
+            if not any(isinstance(c, default) for c in given):
+                callbacks = [*callbacks, default()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
