@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -102,3 +103,77 @@ def test_refine_trains_under_ddp_through_the_cli_and_exports_once(tmp_path):
     run = next((tmp_path / "runs").glob("*/version_0"))
     assert (run / "defended.safetensors").is_file()
     assert "train/contrastive" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+DEFENSES = {
+    "btidbf_p": ("BTIDBFPurification", "defended.safetensors"),
+    "btidbf_u": ("BTIDBFUnlearning", "repaired_victim.safetensors"),
+    "ft": ("FineTune", "repaired_victim.safetensors"),
+    "fst": ("FeatureShiftTune", "repaired_victim.safetensors"),
+}
+
+
+@pytest.mark.parametrize("name", DEFENSES)
+def test_each_labeled_defense_trains_under_ddp_and_writes_its_export_once(name, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from lightning_defense.attacks import BadNets
+    from lightning_defense.victims import VictimMetadata, save_victim
+
+    class_name, export = DEFENSES[name]
+    victim = tmp_path / "victim.safetensors"
+    save_victim(victim, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
+    model = {"victim": str(victim)}
+    if class_name.startswith("BTIDBF"):  # manual optimization, one optimizer per part
+        model |= {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1}
+        model |= {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    source = {"train_per_class": 8, "test_per_class": 4, "reserved_fraction": 0.5}
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": class_name, "init_args": model},
+        "data": {"class_path": "DefenseDataModule", "init_args": {
+            "source": {"class_path": "SyntheticDataModule", "init_args": source},
+            "aux_data": {"class_path": "ReservedData"}, "victim": str(victim), "batch_size": 4}},
+        "trainer": {"max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False,
+                    "strategy": "ddp_find_unused_parameters_true", "devices": 2, "accelerator": "cpu",
+                    "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs")}}},
+    }  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_defense", "fit", "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).count(" written to ") == 1  # rank 0 alone writes the export
+    run = next((tmp_path / "runs").glob("*/version_0"))
+    assert (run / export).is_file() and "val/ba" in (run / "metrics.csv").read_text()
+
+
+def test_ba_and_asr_under_ddp_equal_one_process(tmp_path):
+    """torchmetrics syncs the counts over processes: the shipped victim on the embedded test set
+    (2,000 clean, 1,800 poisoned images, both even, so the distributed sampler pads nothing)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    results = {}
+    for devices in (1, 2):
+        save = tmp_path / f"devices{devices}"
+        command = [
+            sys.executable, "-m", "lightning_defense", "validate", "--config", str(repo / "configs" / "finetune.yaml"),
+            "--trainer.devices", str(devices), "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+            "--trainer.logger.init_args.save_dir", str(save),
+            *(["--trainer.strategy", "ddp"] if devices > 1 else []),
+        ]  # fmt: skip
+        env = os.environ | {"OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        row = next(csv.DictReader(next(save.glob("*/version_0/metrics.csv")).open()))
+        results[devices] = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+    assert results[1].keys() == results[2].keys() and {"val/ba", "val/asr", "val/victim_ba"} <= results[1].keys()
+    assert results[1] == results[2]
+    assert results[1]["val/victim_asr"] > 0.9 and 0.7 < results[1]["val/victim_ba"] < 0.95  # real numbers
