@@ -154,7 +154,12 @@ def test_missing_data_root_is_one_clear_line(tmp_path):
 SHIPPED = sorted(c for c in (REPO / "configs").glob("**/*.yaml") if c.parent.name != "studies")
 
 
-LAYER_BASES = {"refine": "refine.yaml", "btidbf": "btidbf_p.yaml", "finetune": "finetune.yaml"}
+LAYER_BASES = {
+    "refine": "refine.yaml",
+    "btidbf": "btidbf_p.yaml",
+    "finetune": "finetune.yaml",
+    "scaling": "refine.yaml",
+}
 
 
 def config_command(config: Path) -> list[str]:
