@@ -256,3 +256,12 @@ def test_setting_up_the_defenders_data_leaves_the_global_random_stream_alone(tmp
         torch.manual_seed(0)
         DefenseDataModule(source(), aux, victim=path).setup()
         assert torch.equal(torch.rand(3), expected), type(aux).__name__
+
+
+def test_a_victim_trained_on_another_image_size_is_refused(tmp_path):
+    data = {"class_path": "x", "num_classes": 10, "reserved_fraction": 0.25, "seed": 0, "image_size": [64, 64]}
+    metadata = VictimMetadata("resnet20", 10, attack=BadNets().config(), data=data)
+    path = str(save_victim(tmp_path / "victim.safetensors", Classifier("resnet20", 10), metadata))
+    with pytest.raises(ConfigurationError, match="trained on 64x64 images but SyntheticDataModule serves 32x32"):
+        DefenseDataModule(source(), SeenData(), victim=path).setup()
+    DefenseDataModule(source(image_size=(64, 64)), SeenData(), victim=path).setup()  # the matching size is fine

@@ -264,6 +264,18 @@ class DefenseDataModule(InMemoryDataModule):
             )
         return attack_from_config(metadata.attack)
 
+    def _check_image_size(self) -> None:
+        """A victim meets only images of the size it was trained on (its network would accept
+        others and answer nonsense)."""
+        metadata = read_victim_metadata(self.victim) if self.victim is not None else None
+        trained = (metadata.data or {}).get("image_size") if metadata is not None else None
+        if trained is not None and tuple(trained) != tuple(self.source.image_size):
+            raise ConfigurationError(
+                f"Victim {self.victim!r} was trained on {trained[0]}x{trained[1]} images but "
+                f"{type(self.source).__name__} serves {self.source.image_size[0]}x{self.source.image_size[1]}: "
+                "use the victim's data set, or set the source's image_size to match."
+            )
+
     def train_transform(self) -> v2.Transform | None:
         return self.augmentation
 
@@ -271,6 +283,7 @@ class DefenseDataModule(InMemoryDataModule):
         if self._prepared:
             return
         self.source.setup(stage)
+        self._check_image_size()
         victim = None
         if self.victim is not None:
             with torch.random.fork_rng(devices=[]):  # building the network draws weights: keep the run's stream

@@ -149,6 +149,7 @@ class BackdoorDataModule(InMemoryDataModule):
             "num_classes": self.num_classes,
             "reserved_fraction": self.reserved_fraction,
             "seed": self.seed,
+            "image_size": list(self.image_size),
         }
 
 
