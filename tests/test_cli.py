@@ -226,3 +226,10 @@ def test_victim_training_under_ddp_writes_the_victim_once(tmp_path):
     assert result.stderr.count("Victim written to") == 1
     victim = load_victim(tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors")
     assert victim.frozen
+
+
+def test_victim_training_runs_under_bf16_autocast(tmp_path):
+    config = str(tiny_config(tmp_path))
+    result = run([str(BIN / "lightning"), "fit", "--config", config, "--trainer.precision", "bf16-mixed"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_victim(tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors").frozen

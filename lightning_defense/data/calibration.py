@@ -11,6 +11,7 @@ served like any other auxiliary data (:class:`Calibrated`).
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -63,6 +64,9 @@ class Calibrated(AuxiliaryData):
         cache: read and write the cache.
 
     The result is stored as uint8 like every image set: rounding moves a pixel by at most 1/510.
+    It is computed outside autocast, in float32. Under DDP every process calibrates the same set
+    (a deterministic computation) unless the cache already holds it: run one process first to fill
+    the cache when the set is large.
     """
 
     def __init__(
@@ -108,7 +112,8 @@ class Calibrated(AuxiliaryData):
         calibrated = self.calibrate(victim, images, labels)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_file.with_suffix(".partial")
+            # per process: under DDP every rank calibrates the same set and writes the same entry
+            partial = cache_file.with_suffix(f".{os.getpid()}.partial")
             save_file({"images": calibrated}, partial)
             partial.replace(cache_file)  # a run killed while writing leaves no half file behind
         return calibrated, labels
