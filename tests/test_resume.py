@@ -47,6 +47,14 @@ def btidbf(tmp_path: Path) -> dict:
     return {"model": {"class_path": "BTIDBFUnlearning", "init_args": {**model, **settings}}, "data": data}
 
 
+def finetune(tmp_path: Path) -> dict:
+    parts = btidbf(tmp_path)
+    augmentation = {"class_path": "CropFlip"}  # random draws that must repeat after the resume
+    data = {**parts["data"], "init_args": {**parts["data"]["init_args"], "augmentation": augmentation}}
+    model = {"class_path": "FineTune", "init_args": {"victim": parts["model"]["init_args"]["victim"]}}
+    return {"model": model, "data": data}
+
+
 def write_config(tmp_path: Path, name: str, parts: dict) -> Path:
     config = {
         "seed_everything": 0,
@@ -78,7 +86,9 @@ def final_state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("make", [victim_trainer, refine, btidbf], ids=["victim_trainer", "refine", "btidbf_u"])
+@pytest.mark.parametrize(
+    "make", [victim_trainer, refine, btidbf, finetune], ids=["victim_trainer", "refine", "btidbf_u", "finetune"]
+)
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_never_interrupted(make, tmp_path):
     parts = make(tmp_path)
     whole = write_config(tmp_path, "whole", parts)
