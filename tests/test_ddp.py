@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch.distributed.nn.functional import all_gather
 
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
@@ -70,11 +75,17 @@ def test_refine_loss_under_ddp_equals_one_process_on_the_global_batch(tmp_path):
     assert not torch.allclose(torch.stack(halves).mean(), losses["contrastive"].detach(), rtol=1e-3)
 
 
-def test_refine_trains_under_ddp_through_the_cli_and_exports_once(tmp_path):
-    import subprocess
-    import sys
+def fit_under_ddp(config: dict, tmp_path) -> str:
+    """``lightning fit`` on ``config`` in a subprocess (in-process DDP would relaunch pytest); its output."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_defense", "fit", "--config", str(tmp_path / "config.yaml")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
 
-    import yaml
+
+def test_refine_trains_under_ddp_through_the_cli_and_exports_once(tmp_path):
 
     from lightning_defense.attacks import BadNets
     from lightning_defense.victims import VictimMetadata, save_victim
@@ -94,12 +105,8 @@ def test_refine_trains_under_ddp_through_the_cli_and_exports_once(tmp_path):
                     "log_every_n_steps": 1,
                     "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs")}}},
     }  # fmt: skip
-    (tmp_path / "refine.yaml").write_text(yaml.safe_dump(config))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lightning_defense", "fit", "--config", str(tmp_path / "refine.yaml")]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("Defended model written to") + done.stdout.count("Defended model written to") == 1
+    output = fit_under_ddp(config, tmp_path)
+    assert output.count("Defended model written to") == 1
     run = next((tmp_path / "runs").glob("*/version_0"))
     assert (run / "defended.safetensors").is_file()
     assert "train/contrastive" in (run / "metrics.csv").read_text().splitlines()[0]
@@ -115,10 +122,6 @@ DEFENSES = {
 
 @pytest.mark.parametrize("name", DEFENSES)
 def test_each_labeled_defense_trains_under_ddp_and_writes_its_export_once(name, tmp_path):
-    import subprocess
-    import sys
-
-    import yaml
 
     from lightning_defense.attacks import BadNets
     from lightning_defense.victims import VictimMetadata, save_victim
@@ -141,12 +144,7 @@ def test_each_labeled_defense_trains_under_ddp_and_writes_its_export_once(name, 
                     "strategy": "ddp_find_unused_parameters_true", "devices": 2, "accelerator": "cpu",
                     "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs")}}},
     }  # fmt: skip
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lightning_defense", "fit", "--config", str(tmp_path / "config.yaml")]
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (done.stdout + done.stderr).count(" written to ") == 1  # rank 0 alone writes the export
+    assert fit_under_ddp(config, tmp_path).count(" written to ") == 1  # rank 0 alone writes the export
     run = next((tmp_path / "runs").glob("*/version_0"))
     assert (run / export).is_file() and "val/ba" in (run / "metrics.csv").read_text()
 
@@ -154,11 +152,6 @@ def test_each_labeled_defense_trains_under_ddp_and_writes_its_export_once(name, 
 def test_ba_and_asr_under_ddp_equal_one_process(tmp_path):
     """torchmetrics syncs the counts over processes: the shipped victim on the embedded test set
     (2,000 clean, 1,800 poisoned images, both even, so the distributed sampler pads nothing)."""
-    import csv
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     results = {}
     for devices in (1, 2):

@@ -118,7 +118,25 @@ class ReservedData(PooledData):
         return source.reserved_images, source.reserved_labels
 
 
-class ExternalData(PooledData):
+class FolderData(PooledData):
+    """Auxiliary images read from an ImageFolder tree, ``<root>/<split>/<class folder>/*``."""
+
+    default_root = ""
+    how_to_get = ""
+
+    def __init__(self, root: str | None = None, split: str = "train", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / self.default_root
+        self.split = split
+
+    def folder(self) -> Path:
+        folder = self.root / self.split
+        if not folder.is_dir():
+            raise InputNotFoundError(f"{type(self).__name__}: {folder} does not exist. {self.how_to_get}")
+        return folder
+
+
+class ExternalData(FolderData):
     """Natural images from another source, in ImageFolder layout (``root/<split>/<folder>/*``), e.g.
     the shared Tiny-ImageNet excerpt. Its folders are not the victim's classes, so the images are
     labelled by the victim's predictions, and ``per_class`` counts those.
@@ -128,24 +146,18 @@ class ExternalData(PooledData):
         split: the sub-folder that holds the class folders.
     """
 
-    def __init__(self, root: str | None = None, split: str = "train", **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "tinyimagenet32"
-        self.split = split
+    default_root = "tinyimagenet32"
+    how_to_get = (
+        "Unpack the shared Tiny-ImageNet excerpt (`tar -xzf ../shared/data/tinyimagenet32-external.tar.gz "
+        "-C <data home>`) or set `root` to any ImageFolder tree."
+    )
 
     def pool(self, source: BackdoorDataModule) -> tuple[Tensor, None]:
-        folder = self.root / self.split
-        if not folder.is_dir():
-            raise InputNotFoundError(
-                f"External images not found: {folder} does not exist. Unpack the shared Tiny-ImageNet "
-                f"excerpt (`tar -xzf ../shared/data/tinyimagenet32-external.tar.gz -C {self.root.parent}`) "
-                "or set `root` to any ImageFolder tree."
-            )
-        images, _, _ = load_image_folder(folder, size=source.image_size)
+        images, _, _ = load_image_folder(self.folder(), size=source.image_size)
         return images, None
 
 
-class CINIC10ImageNetData(PooledData):
+class CINIC10ImageNetData(FolderData):
     """CINIC-10's ImageNet-derived images (file names without ``cifar10``), labelled with
     CINIC-10's classes, which are CIFAR-10's: external data that keeps the victim's label space.
 
@@ -156,20 +168,17 @@ class CINIC10ImageNetData(PooledData):
         per_class: default 1,000.
     """
 
+    default_root = "cinic10"
+    how_to_get = (
+        "Download CINIC-10 from its publishers and set `root` to the folder that holds train/, valid/ and test/."
+    )
+
     def __init__(self, root: str | None = None, split: str = "train", per_class: int | None = 1000, **kwargs) -> None:
-        super().__init__(per_class=per_class, **kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "cinic10"
-        self.split = split
+        super().__init__(root, split, per_class=per_class, **kwargs)
 
     def pool(self, source: BackdoorDataModule) -> tuple[Tensor, Tensor]:
-        folder = self.root / self.split
-        if not folder.is_dir():
-            raise InputNotFoundError(
-                f"CINIC-10 not found: {folder} does not exist. Download CINIC-10 from its publishers "
-                "and set `root` to the folder that holds train/, valid/ and test/."
-            )
         images, labels, _ = load_image_folder(
-            folder, CIFAR10_CLASSES, source.image_size, keep=lambda file: "cifar10" not in file.name
+            self.folder(), CIFAR10_CLASSES, source.image_size, keep=lambda file: "cifar10" not in file.name
         )
         return images, labels
 
