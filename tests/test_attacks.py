@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from lightning_defense.attacks import BadNets, Blended, WaNet, attack_from_config
+from lightning_defense.attacks import BATT, SIG, BadNets, Blended, BppAttack, PhysicalBA, WaNet, attack_from_config
 from lightning_defense.attacks.base import to_float, to_uint8
 
 
@@ -125,3 +127,71 @@ def test_target_outside_the_classes_is_refused():
 def test_uint8_round_trip():
     images = to_uint8(batch(2))
     assert torch.equal(to_uint8(to_float(images)), images)
+
+
+def test_batt_rotates_every_image_by_its_angle():
+    images = torch.zeros(2, 3, 32, 32)
+    images[:, :, 15:17, :] = 1.0  # a horizontal bar through the centre
+    rotated = BATT(angle=90).apply(images)
+    assert torch.equal(rotated, images.transpose(-1, -2).flip(-2))  # 90 degrees counter-clockwise
+    tilted = BATT().apply(images)  # the seeds' 16 degrees
+    left, right = tilted[0, 0, :, 2].nonzero().float().mean(), tilted[0, 0, :, 29].nonzero().float().mean()
+    expected = 27 * math.tan(math.radians(16))  # rows the bar climbs between the two columns
+    assert abs(float(left - right) - expected) < 1.5
+
+
+def test_sig_adds_its_sinusoid_and_poisons_only_target_images_keeping_labels():
+    attack = SIG(target=2, poison_rate=0.5, delta=20, frequency=6)
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    added = (attack.apply(flat) - flat)[0, 0]
+    assert torch.allclose(added, added[:1].expand(32, -1))  # the same along every row
+    assert abs(float(added.max()) - 20 / 255) < 2e-3 and abs(float(added[0, 0])) < 1e-6
+    period = 32 / 6
+    assert torch.allclose(added[0, 8], 20 / 255 * torch.sin(torch.tensor(2 * math.pi * 8 / period)), atol=1e-6)
+    images, labels = to_uint8(batch(100)), torch.arange(100) % 10
+    poisoned_images, poisoned_labels, indices = attack.poison_training_set(images, labels, 10)
+    assert torch.equal(poisoned_labels, labels)  # clean-label: no label changes
+    assert (labels[indices] == 2).all() and len(indices) == 5  # half of the 10 target images
+    assert torch.equal((poisoned_images != images).flatten(1).any(1).nonzero().flatten(), indices)
+    with pytest.raises(ValueError, match="clean-label"):
+        SIG(label_mode="all_to_all").poison_training_set(images, labels, 10)
+
+
+def test_bpp_quantizes_to_its_levels_and_adds_negative_samples_with_true_labels():
+    attack = BppAttack(levels=8, poison_rate=0.1, negative_ratio=0.2)
+    quantized = attack.apply(batch())
+    assert set(torch.unique(torch.round(quantized * 7)).tolist()) <= set(range(8))
+    assert torch.allclose(quantized * 7, torch.round(quantized * 7), atol=1e-5)
+    dithered = BppAttack(levels=8, dithering=True).apply(batch())
+    assert torch.allclose(dithered * 7, torch.round(dithered * 7), atol=1e-5)
+    smooth = torch.linspace(0, 1, 32).expand(1, 3, 32, 32)  # dithering keeps the mean level, rounding steps
+    assert (BppAttack(levels=2, dithering=True).apply(smooth).mean(-2) - smooth.mean(-2)).abs().mean() < (
+        BppAttack(levels=2).apply(smooth).mean(-2) - smooth.mean(-2)
+    ).abs().mean()
+    images, labels = to_uint8(batch(100)), torch.arange(100) % 10
+    poisoned_images, poisoned_labels, indices = attack.poison_training_set(images, labels, 10)
+    changed = (poisoned_images != images).flatten(1).any(1)
+    relabelled = (poisoned_labels != labels).nonzero().flatten()
+    assert set(relabelled.tolist()) <= set(indices.tolist()) and changed.sum() == 10 + 20
+
+
+def test_physical_ba_transforms_poisoned_training_images_but_not_test_images():
+    images, labels = to_uint8(batch(100)), torch.arange(100) % 10
+    physical = PhysicalBA(poison_rate=0.2, seed=1)
+    plain = BadNets(poison_rate=0.2, seed=1)
+    physical_images, physical_labels, indices = physical.poison_training_set(images, labels, 10)
+    plain_images, plain_labels, same = plain.poison_training_set(images, labels, 10)
+    assert torch.equal(indices, same) and torch.equal(physical_labels, plain_labels)
+    assert not torch.equal(physical_images[indices], plain_images[indices])  # flipped, jittered, warped
+    untouched = torch.ones(100, dtype=torch.bool)
+    untouched[indices] = False
+    assert torch.equal(physical_images[untouched], images[untouched])
+    assert torch.equal(physical.poison_test_set(images, labels, 10)[0], plain.poison_test_set(images, labels, 10)[0])
+    again = PhysicalBA(poison_rate=0.2, seed=1).poison_training_set(images, labels, 10)[0]
+    assert torch.equal(again, physical_images)  # seeded
+
+
+@pytest.mark.parametrize("attack", [BATT(target=4), SIG(target=4), BppAttack(target=4), PhysicalBA(target=4)])
+def test_new_attacks_round_trip_through_their_config(attack):
+    rebuilt = attack_from_config(attack.config())
+    assert type(rebuilt) is type(attack) and rebuilt.config() == attack.config()

@@ -233,3 +233,24 @@ def test_victim_training_runs_under_bf16_autocast(tmp_path):
     result = run([str(BIN / "lightning"), "fit", "--config", config, "--trainer.precision", "bf16-mixed"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_victim(tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors").frozen
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        {"class_path": "BATT", "init_args": {"target": 1}},
+        {"class_path": "SIG", "init_args": {"target": 1, "poison_rate": 0.5}},
+        {"class_path": "BppAttack", "init_args": {"target": 1, "negative_ratio": 0.1}},
+        {"class_path": "PhysicalBA", "init_args": {"target": 1}},
+    ],
+    ids=lambda a: a["class_path"],
+)
+def test_each_attack_trains_a_tiny_victim_through_the_cli(attack, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    main(["fit", "--config", str(tiny_config(tmp_path, attack=attack)), "--trainer.enable_progress_bar", "false"])
+    victim = tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors"
+    stored = read_victim_metadata(victim).attack
+    assert stored["class_path"].endswith(attack["class_path"]) and stored["init_args"]["target"] == 1
+    header = (victim.parent / "metrics.csv").read_text().splitlines()[0]
+    assert "val/asr" in header and "val/ba" in header

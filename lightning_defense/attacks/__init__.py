@@ -3,6 +3,19 @@
 from lightning_defense.attacks.badnets import BadNets
 from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config
 from lightning_defense.attacks.blended import Blended
+from lightning_defense.attacks.physical import PhysicalBA
+from lightning_defense.attacks.transforms import BATT, SIG, BppAttack
 from lightning_defense.attacks.wanet import WaNet
 
-__all__ = ["Attack", "BadNets", "Blended", "LabelMode", "WaNet", "attack_from_config"]
+__all__ = [
+    "BATT",
+    "SIG",
+    "Attack",
+    "BadNets",
+    "Blended",
+    "BppAttack",
+    "LabelMode",
+    "PhysicalBA",
+    "WaNet",
+    "attack_from_config",
+]

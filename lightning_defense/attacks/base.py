@@ -61,8 +61,16 @@ class Attack(ABC):
     def apply(self, images: Tensor) -> Tensor:
         """Poison a batch: float NCHW in [0, 1] in, same shape and range out."""
 
+    # clean-label attacks poison target-class images only and never change a label
+    clean_label: bool = False
+
     def check(self, image_size: tuple[int, int], num_classes: int) -> None:
         """Fail early, naming the fix, when the attack cannot work on this data."""
+        if self.clean_label and self.label_mode != "all_to_one":
+            raise ConfigurationError(
+                f"{type(self).__name__} is a clean-label attack: it poisons target-class images only, so "
+                "label_mode must be all_to_one."
+            )
         if self.label_mode == "all_to_one" and self.target >= num_classes:
             raise ConfigurationError(
                 f"Attack target {self.target} is not a class of this data set "
@@ -81,14 +89,21 @@ class Attack(ABC):
         return torch.cat([to_uint8(self.apply(to_float(c))) for c in images.split(chunk)])
 
     def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Poisoned copy of a uint8 training set: images, labels and the poisoned indices."""
+        """Poisoned copy of a uint8 training set: images, labels and the poisoned indices.
+
+        A dirty-label attack poisons ``poison_rate`` of the whole set and relabels it; a
+        clean-label one (:attr:`clean_label`) poisons ``poison_rate`` of the target class's images
+        and keeps their labels.
+        """
         self.check(tuple(images.shape[-2:]), num_classes)
-        order = torch.randperm(len(images), generator=self._generator())
-        poisoned = order[: round(self.poison_rate * len(images))].sort().values
+        candidates = (labels == self.target).nonzero().flatten() if self.clean_label else torch.arange(len(labels))
+        order = candidates[torch.randperm(len(candidates), generator=self._generator())]
+        poisoned = order[: round(self.poison_rate * len(candidates))].sort().values
         images, labels = images.clone(), labels.clone()
         if len(poisoned):
             images[poisoned] = self._apply_uint8(images[poisoned])
-            labels[poisoned] = self.poison_labels(labels[poisoned], num_classes)
+            if not self.clean_label:
+                labels[poisoned] = self.poison_labels(labels[poisoned], num_classes)
         return images, labels, poisoned
 
     def poison_test_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

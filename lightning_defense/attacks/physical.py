@@ -1,0 +1,58 @@
+"""PhysicalBA: BadNets made robust to physical capture."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from lightning_defense.attacks.badnets import BadNets
+from lightning_defense.attacks.base import LabelMode, to_float, to_uint8
+
+
+class PhysicalBA(BadNets):
+    """PhysicalBA (Li et al., 2021): the BadNets patch, and every poisoned *training* image then
+    goes through physical-style transformations (flip, colour jitter, a small affine warp), drawn
+    once per image from ``seed``, so the backdoor survives them; test images carry the plain patch.
+
+    Args:
+        brightness, contrast: ColorJitter strengths (the seeds' 0.2 and 0.2).
+        degrees, translate, scale: RandomAffine (the seeds' 10 degrees, 0.1, 0.8 to 0.9).
+    """
+
+    def __init__(
+        self,
+        target: int = 0,
+        poison_rate: float = 0.1,
+        label_mode: LabelMode = "all_to_one",
+        seed: int = 0,
+        patch_size: int = 3,
+        position: tuple[int, int] | None = None,
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        degrees: float = 10.0,
+        translate: float = 0.1,
+        scale: tuple[float, float] = (0.8, 0.9),
+    ) -> None:
+        super().__init__(target, poison_rate, label_mode, seed, patch_size, position)
+        self.brightness, self.contrast = brightness, contrast
+        self.degrees, self.translate, self.scale = degrees, translate, tuple(scale)
+
+    def physical(self) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.ColorJitter(brightness=self.brightness, contrast=self.contrast),
+                v2.RandomAffine(self.degrees, translate=(self.translate, self.translate), scale=self.scale),
+            ]
+        )
+
+    def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+        images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
+        if len(poisoned):
+            from lightning_defense.data.augmentation import augment_each  # data imports attacks: no cycle at import
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + 4)
+                images[poisoned] = to_uint8(augment_each(self.physical(), to_float(images[poisoned])))
+        return images, labels, poisoned
