@@ -18,6 +18,7 @@ from typing import Any
 
 from jsonargparse import ArgumentError, lazy_instance
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -69,6 +70,12 @@ class DefenseCLI(LightningCLI):
         for default in (StopOnNonFiniteLoss, RandomStateCheckpoint):
             if not any(isinstance(c, default) for c in given):
                 callbacks = [*callbacks, default()]
+        # added here, not as a trainer default: a default instance would not survive --print_config,
+        # and a config's own `plugins` would silently drop it
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, callbacks)
 
     def _parse_ckpt_path(self) -> None:
@@ -193,7 +200,12 @@ def _run(args: list[str] | None) -> None:
 
         study(argv[1:])
         return
-    DefenseCLI(
+    build_cli(args)
+
+
+def build_cli(args: list[str] | None, run: bool = True) -> DefenseCLI:
+    """The CLI with the project's defaults; ``run=False`` only instantiates (for tests)."""
+    return DefenseCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -206,9 +218,9 @@ def _run(args: list[str] | None) -> None:
             # save only after validation, and an interruption could lose n epochs)
             "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
-            "plugins": [AtomicCheckpointIO()],
         },
         args=args,
+        run=run,
     )
 
 

@@ -175,6 +175,17 @@ def test_a_checkpoint_write_that_fails_halfway_leaves_the_previous_one_whole(tmp
     assert list(path.parent.iterdir()) == [path]  # no partial file left behind
 
 
-def test_runs_write_their_checkpoints_through_the_atomic_writer(tmp_path):
-    result = lightning("fit", "--config", str(tiny_config(tmp_path)), "--print_config", cwd=tmp_path)
-    assert result.returncode == 0 and "AtomicCheckpointIO" in result.stdout
+def test_runs_write_their_checkpoints_through_the_atomic_writer(tmp_path, monkeypatch):
+    from lightning.pytorch.plugins.environments import LightningEnvironment
+
+    from lightning_defense.checkpoint_io import AtomicCheckpointIO
+    from lightning_defense.cli import build_cli
+
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    cli = build_cli(["--config", str(tiny_config(tmp_path))], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    # a config's own plugins keep it
+    environment = "lightning.pytorch.plugins.environments.LightningEnvironment"
+    given = build_cli(["--config", str(tiny_config(tmp_path)), "--trainer.plugins", environment], run=False)
+    assert isinstance(given.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(given.trainer._accelerator_connector.cluster_environment, LightningEnvironment)
