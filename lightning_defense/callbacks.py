@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_defense.errors import UserInputError
@@ -58,23 +58,39 @@ class RandomStateCheckpoint(Callback):
     Stored as tensors and plain numbers, so checkpoints stay loadable with ``weights_only=True``.
     """
 
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+    @staticmethod
+    def _local_state() -> dict[str, Any]:
         version, state, gauss = random.getstate()
         numpy_state = np.random.get_state()
-        checkpoint["random_state"] = {
+        return {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's device
             "python": [version, list(state), gauss],
             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
         }
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # every rank calls this hook and rank 0 writes the file: it carries one state per rank
+        states = [self._local_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, self._local_state())
+        checkpoint["random_state"] = states
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("random_state")
-        if saved is None:  # a checkpoint from before this callback: resume as Lightning does
+        states = checkpoint.get("random_state")
+        if not states:  # a checkpoint from before this callback: resume as Lightning does
             return
+        if len(states) != trainer.world_size:
+            rank_zero_warn(
+                f"The checkpoint holds the random state of {len(states)} processes, this run has "
+                f"{trainer.world_size}: shuffles and augmentations will differ from an uninterrupted run."
+            )
+            return
+        saved = states[trainer.global_rank]
         torch.set_rng_state(saved["torch"])
-        if saved["cuda"] and torch.cuda.is_available() and len(saved["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(saved["cuda"])
+        if saved["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
         version, state, gauss = saved["python"]
         random.setstate((version, tuple(state), gauss))
         name, keys, *rest = saved["numpy"]

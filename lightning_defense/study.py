@@ -110,6 +110,9 @@ class Study:
         aux_data: name -> the ``data.init_args.aux_data`` of that kind (``class_path``/``init_args``).
         calibration: ``init_args`` of :class:`~lightning_defense.data.Calibrated` for the
             "with GIC" cells; ``None`` runs only the cells without.
+        unlabeled: defenses that must not see labels (REFINE): their data is wrapped in
+            :class:`~lightning_defense.data.UnlabeledData`, so GIC calibrates toward the victim's
+            pseudo-labels, not the ground truth they may never read.
         without_calibration: also run the cells without GIC.
         arguments: extra ``lightning fit`` arguments for every cell (e.g. fewer epochs).
         out: the study folder.
@@ -121,6 +124,7 @@ class Study:
     defenses: dict[str, list[str]]
     aux_data: dict[str, dict[str, Any]]
     calibration: dict[str, Any] | None = field(default_factory=dict)
+    unlabeled: list[str] = field(default_factory=list)
     without_calibration: bool = True
     arguments: list[str] = field(default_factory=list)
     out: str = "runs/study"
@@ -135,6 +139,8 @@ class Study:
 
     def aux_config(self, cell: Cell) -> dict[str, Any]:
         aux = self.aux_data[cell.aux]
+        if cell.defense in self.unlabeled:
+            aux = {"class_path": "lightning_defense.data.UnlabeledData", "init_args": {"base": aux}}
         if not cell.calibrated:
             return aux
         return {
@@ -156,6 +162,12 @@ class Study:
     def write_cell_config(self, cell: Cell, out: Path, env: dict[str, str]) -> Path:
         """The cell's whole configuration as one file (``lightning fit --print_config``)."""
         path = out / "cells" / f"{cell.name}.yaml"
+        arguments = out / "cells" / f"{cell.name}.args.json"
+        wanted = json.dumps(self.fit_arguments(cell, out))
+        if path.is_file() and (not arguments.is_file() or arguments.read_text() != wanted):
+            # the study changed since this cell ran: its old config and result no longer apply
+            path.unlink()
+            (out / "logs" / f"{cell.name}.time").unlink(missing_ok=True)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             command = [
@@ -170,6 +182,7 @@ class Study:
             if done.returncode != 0:
                 raise ConfigurationError(f"Cell {cell.name} has a bad configuration:\n{done.stderr.strip()[-2000:]}")
             path.write_text(done.stdout)
+            arguments.write_text(wanted)
         return path
 
     def run(self) -> list[dict[str, Any]]:

@@ -103,7 +103,6 @@ def test_a_diverging_run_stops_at_once_with_the_step_and_keeps_the_last_good_che
     config = str(tiny_config(tmp_path))
     assert lightning("fit", "--config", config, cwd=tmp_path).returncode == 0
     last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    good = last.read_bytes()
     # resume the finished run for another epoch with a learning rate that blows up
     state = torch.load(last, weights_only=True)
     state["optimizer_states"][0]["param_groups"][0]["lr"] = 1e30

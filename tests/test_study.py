@@ -82,3 +82,24 @@ def test_every_shipped_study_makes_valid_cell_configs(config, tmp_path, monkeypa
         aux = printed["data"]["init_args"]["aux_data"]
         assert aux["class_path"].endswith("Calibrated") == cell.calibrated
         assert printed["model"]["init_args"]["victim"] == study.victim
+
+
+def test_a_changed_study_reruns_its_cells_and_refine_never_calibrates_on_ground_truth(tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    spec = yaml.safe_load((repo / "configs" / "studies" / "aux_shift.yaml").read_text())
+    study = Study(**{**spec, "out": str(tmp_path)})
+    refine_gic = next(c for c in study.cells() if c.defense == "refine" and c.calibrated)
+    aux = study.aux_config(refine_gic)
+    assert aux["class_path"].endswith("Calibrated") and aux["init_args"]["base"]["class_path"].endswith("UnlabeledData")
+    ft_gic = next(c for c in study.cells() if c.defense == "ft" and c.calibrated)
+    assert not study.aux_config(ft_gic)["init_args"]["base"]["class_path"].endswith("UnlabeledData")
+    env = dict(os.environ)
+    first = study.write_cell_config(ft_gic, tmp_path, env).read_text()
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / f"{ft_gic.name}.time").write_text("1.0")  # as if the cell had finished
+    assert study.write_cell_config(ft_gic, tmp_path, env).read_text() == first  # unchanged study: kept
+    changed = Study(**{**spec, "out": str(tmp_path), "calibration": {**spec["calibration"], "steps": 7}})
+    second = changed.write_cell_config(ft_gic, tmp_path, env).read_text()
+    assert "steps: 7" in second and second != first
+    assert not (tmp_path / "logs" / f"{ft_gic.name}.time").exists()  # its old result no longer counts

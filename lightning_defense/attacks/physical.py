@@ -53,6 +53,6 @@ class PhysicalBA(BadNets):
             from lightning_defense.data.augmentation import augment_each  # data imports attacks: no cycle at import
 
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed + 4)
+                torch.default_generator.manual_seed(self.seed + 4)  # the CPU's only
                 images[poisoned] = to_uint8(augment_each(self.physical(), to_float(images[poisoned])))
         return images, labels, poisoned

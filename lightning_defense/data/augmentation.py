@@ -8,12 +8,19 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 
-class CropFlip(v2.Compose):
+class CropFlip(v2.Transform):
     """Random crop after zero padding, and a horizontal flip: the usual training augmentation of
-    CIFAR-style classifiers (no flip for data where mirroring changes the meaning, e.g. signs)."""
+    CIFAR-style classifiers (no flip for data where mirroring changes the meaning, e.g. signs).
+    The crop keeps each image's own size."""
 
-    def __init__(self, size: int | tuple[int, int] = 32, padding: int = 4, flip: bool = True) -> None:
-        super().__init__([v2.RandomCrop(size, padding=padding), *([v2.RandomHorizontalFlip()] if flip else [])])
+    def __init__(self, padding: int = 4, flip: bool = True) -> None:
+        super().__init__()
+        self.padding = padding
+        self.flip = flip
+
+    def forward(self, image: Tensor) -> Tensor:
+        image = v2.RandomCrop(tuple(image.shape[-2:]), padding=self.padding)(image)
+        return v2.RandomHorizontalFlip()(image) if self.flip else image
 
 
 class RefineAugmentation(v2.Compose):

@@ -87,7 +87,8 @@ class PooledData(AuxiliaryData):
             if len(members) < count:
                 raise ConfigurationError(
                     f"{type(self).__name__} has {len(members)} images {labelled_by} as class {cls} but "
-                    f"per_class asks for {count}: lower per_class or use a larger source."
+                    f"{'per_class' if self.per_class else 'fraction'} asks for {count}: "
+                    "lower it or use a larger source."
                 )
             chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
         index = torch.cat(chosen).sort().values
@@ -204,7 +205,7 @@ class ShiftedData(AuxiliaryData):
     def select(self, source: BackdoorDataModule, victim: Classifier | None = None) -> tuple[Tensor, Tensor]:
         images, labels = self.base.select(source, victim)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            torch.default_generator.manual_seed(self.seed)  # the CPU's only: CUDA streams stay the run's
             shifted = augment_each(self.shift, images.float().div(255))
         return shifted.clamp(0, 1).mul(255).round().to(torch.uint8), labels
 

@@ -106,7 +106,7 @@ class BackdoorDataModule(InMemoryDataModule):
     def train_transform(self) -> v2.Transform | None:
         if not self.augment:
             return None
-        return CropFlip(self.image_size)
+        return CropFlip()
 
     def _check_labels(self, labels: Tensor, what: str) -> None:
         if len(labels) and int(labels.max()) >= self.num_classes:
@@ -271,7 +271,7 @@ class GTSRBDataModule(ImageFolderDataModule):
         super().__init__(root, **kwargs)
 
     def train_transform(self) -> v2.Transform | None:
-        return CropFlip(self.image_size, flip=False) if self.augment else None
+        return CropFlip(flip=False) if self.augment else None
 
 
 class CINIC10DataModule(ImageFolderDataModule):
