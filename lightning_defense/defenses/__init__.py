@@ -4,6 +4,7 @@ from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
 from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
 from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
+from lightning_defense.defenses.shrinkpad import ShrinkPad
 
 __all__ = [
     "REFINE",
@@ -13,4 +14,5 @@ __all__ = [
     "DefenseModule",
     "FeatureShiftTune",
     "FineTune",
+    "ShrinkPad",
 ]
