@@ -44,6 +44,8 @@ def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None
             [sys.executable, "-m", "lightning_defense", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
         ).returncode
     wall = time.monotonic() - start
+    if code == 0 and "Received SIGTERM" in (logs / f"{name}.log").read_text(errors="replace"):
+        code = 143  # Lightning ends a SIGTERMed run early and exits 0: not a finished run
     if code == 0:
         timing.write_text(f"{wall:.1f}")
     print(f"[{tag}] {name}: exit {code} after {wall / 60:.1f} min", flush=True)

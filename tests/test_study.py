@@ -103,3 +103,15 @@ def test_a_changed_study_reruns_its_cells_and_refine_never_calibrates_on_ground_
     second = changed.write_cell_config(ft_gic, tmp_path, env).read_text()
     assert "steps: 7" in second and second != first
     assert not (tmp_path / "logs" / f"{ft_gic.name}.time").exists()  # its old result no longer counts
+
+
+def test_a_run_stopped_by_sigterm_is_not_marked_finished(tmp_path, monkeypatch):
+    from lightning_defense import study as study_module
+
+    def fake_run(command, stdout, **kwargs):  # Lightning's behaviour: stop early, say so, exit 0
+        stdout.write("[rank: 0] Received SIGTERM: 15\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(study_module.subprocess, "run", fake_run)
+    assert study_module.run_logged("cell", ["fit"], tmp_path) == 143
+    assert not (tmp_path / "logs" / "cell.time").exists()
