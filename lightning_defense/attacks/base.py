@@ -85,6 +85,11 @@ class Attack(ABC):
     def _generator(self, offset: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed + offset)
 
+    def _after_poisoned(self, total: int, poisoned: int, count: int) -> Tensor:
+        """``count`` indices drawn right after the poisoned ones in the same seeded order: the extra
+        samples some attacks add with their true labels (WaNet's noise, BppAttack's negatives)."""
+        return torch.randperm(total, generator=self._generator())[poisoned : poisoned + count]
+
     def _apply_uint8(self, images: Tensor, chunk: int = 2048) -> Tensor:
         return torch.cat([to_uint8(self.apply(to_float(c))) for c in images.split(chunk)])
 

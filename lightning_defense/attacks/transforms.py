@@ -139,8 +139,7 @@ class BppAttack(Attack):
     def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
         clean = images
         images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
-        order = torch.randperm(len(images), generator=self._generator())
-        negatives = order[len(poisoned) : len(poisoned) + round(self.negative_ratio * len(images))]
+        negatives = self._after_poisoned(len(images), len(poisoned), round(self.negative_ratio * len(images)))
         if len(negatives):
             others = torch.randint(0, len(images), (len(negatives),), generator=self._generator(3))
             residual = self._apply_uint8(clean[others]).float() - clean[others].float()

@@ -74,10 +74,8 @@ class WaNet(Attack):
 
     def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
         images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
-        # noise samples come right after the poisoned ones in the same seeded order
-        order = torch.randperm(len(images), generator=self._generator())
-        start = len(poisoned)
-        cross = order[start : start + round(self.cross_ratio * self.poison_rate * len(images))]
+        noise_count = round(self.cross_ratio * self.poison_rate * len(images))
+        cross = self._after_poisoned(len(images), len(poisoned), noise_count)
         if len(cross):
             images[cross] = to_uint8(self.apply_noise(to_float(images[cross]), self._generator(2)))
         return images, labels, poisoned
