@@ -1,0 +1,50 @@
+"""REFINE's batched augmentation is v2's RandomResizedCrop + flip + grayscale, drawn per image."""
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from lightning_defense.data.augmentation import BatchAugmentation, random_crop_boxes, resized_crop
+
+
+def test_resized_crop_matches_v2_per_image():
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 32, 32)
+    boxes = random_crop_boxes(64, (32, 32), (0.3, 1.0), (3 / 4, 4 / 3))
+    flip = torch.rand(64) < 0.5
+    batched = resized_crop(images, boxes, flip)
+    for image, (top, left, h, w), mirrored, out in zip(images, boxes.long().tolist(), flip, batched):
+        expected = TF.resized_crop(image, top, left, h, w, [32, 32], antialias=True)
+        if mirrored:
+            expected = TF.horizontal_flip(expected)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_the_whole_image_unflipped_is_unchanged():
+    images = torch.rand(4, 3, 32, 32)
+    boxes = torch.tensor([[0, 0, 32, 32]] * 4)
+    torch.testing.assert_close(resized_crop(images, boxes, torch.zeros(4, dtype=torch.bool)), images)
+    torch.testing.assert_close(resized_crop(images, boxes, torch.ones(4, dtype=torch.bool)), images.flip(-1))
+
+
+def test_crop_boxes_follow_the_recipe():
+    torch.manual_seed(0)
+    boxes = random_crop_boxes(20_000, (32, 32), (0.8, 1.0), (3 / 4, 4 / 3))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 32).all() and (left + w <= 32).all()
+    area = h * w / 1024
+    assert area.min() >= 0.7 and area.max() <= 1.0  # 0.8..1 before rounding the sides
+    assert ((w / h) >= 0.7).all() and ((w / h) <= 1.4).all()
+    assert len(torch.unique(boxes, dim=0)) > 50  # a draw per image, not one for the batch
+
+
+def test_flip_and_grayscale_rates():
+    torch.manual_seed(0)
+    images = torch.rand(4000, 3, 8, 8)
+    out = BatchAugmentation(scale=(1.0, 1.0), ratio=(1.0, 1.0))(images)  # whole image: flip and gray only
+    gray = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert gray.float().mean() == pytest.approx(0.2, abs=0.03)
+    colour = ~gray
+    flipped = (out[colour] - images[colour].flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert flipped.float().mean() == pytest.approx(0.5, abs=0.03)
+    assert out.min() >= 0 and out.max() <= 1
