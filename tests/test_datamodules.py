@@ -14,6 +14,7 @@ from lightning_defense.data import (
     per_class_split,
 )
 from lightning_defense.data.datamodules import CIFAR10_CLASSES
+from lightning_defense.data.datasets import ImageTensorDataset
 
 
 def first_batch(loader):
@@ -141,3 +142,21 @@ def test_cifar10_torchvision_format(tmp_path, monkeypatch):
     with open(folder / names[0], "rb") as f:
         first = pickle.load(f)["data"][0]
     assert torch.equal(dm.train_set.images[0], torch.from_numpy(first.copy()).view(3, 32, 32))
+
+
+def test_batches_are_indexed_at_once_and_equal_per_image_loading():
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    from lightning_defense.data.datasets import collate
+
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    dataset = ImageTensorDataset(images, torch.arange(10), transform=lambda image: image.flip(-1))
+    batch_images, batch_labels = dataset.__getitems__([3, 7, 1])
+    singles = [dataset[i] for i in (3, 7, 1)]
+    assert torch.equal(batch_images, torch.stack([image for image, _ in singles]))
+    assert batch_labels.tolist() == [3, 7, 1]
+    # the data modules' collate passes made batches on, and stacks per-item lists
+    for data in (dataset, ConcatDataset([dataset])):
+        loaded, labels = next(iter(DataLoader(data, batch_size=4, collate_fn=collate)))
+        assert loaded.shape == (4, 3, 4, 4) and loaded.dtype == torch.float32 and labels.tolist() == [0, 1, 2, 3]
+        assert torch.equal(loaded, images[:4].flip(-1).float() / 255)

@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack
 from lightning_defense.data.augmentation import CropFlip
-from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
+from lightning_defense.data.datasets import ImageTensorDataset, collate, data_home, load_image_folder, per_class_split
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -48,6 +48,7 @@ class InMemoryDataModule(LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
         )
 
     def _eval_loaders(self) -> list[DataLoader]:

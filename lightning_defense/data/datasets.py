@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from rich.progress import track
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
@@ -48,6 +48,21 @@ class ImageTensorDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image.float().div_(255), self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        """A whole batch at once: the DataLoader calls this instead of one ``__getitem__`` per image,
+        so without a per-image transform there is no Python loop over the batch."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index]
+        if self.transform is not None:
+            images = torch.stack([self.transform(image) for image in images])
+        return images.float().div_(255), self.labels[index]
+
+
+def collate(batch: tuple[Tensor, Tensor] | list) -> tuple[Tensor, Tensor]:
+    """A DataLoader's ``collate_fn`` for :class:`ImageTensorDataset`: its batches come made; a
+    list of items (a data set without ``__getitems__``, e.g. a ConcatDataset) is stacked."""
+    return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
 def decode_files(files: Sequence[Path], size: tuple[int, int] | None = None, description: str = "Decoding") -> Tensor:
