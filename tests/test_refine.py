@@ -346,6 +346,13 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
     with pytest.raises(ValueError, match="SHA-256 differs"):
         load_defended(run / "defended.safetensors", victim_path=other)
 
+    # ... and exports as one program for any batch size (issue 7: T, F and M as one module)
+    from lightning_defense.defenses.refine.deploy import export_program
+
+    program = torch.export.load(export_program(deployed, tmp_path / "defended.pt2")).module()
+    images = torch.rand(5, 3, 32, 32)
+    assert torch.allclose(program(images), trained(images), atol=1e-5)
+
 
 def test_black_box_mode_distils_a_surrogate_then_trains_t_against_it(tmp_path):
     from lightning import Callback, Trainer

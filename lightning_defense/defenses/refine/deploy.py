@@ -14,6 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.safetensors_io import read_safetensors, write_safetensors
@@ -68,3 +70,17 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
     label_permutation = LabelPermutation(len(permutation))
     label_permutation.permutation.copy_(permutation)
     return Refine(victim, transform_net, label_permutation).eval()
+
+
+def export_program(model: Refine, path: str | Path, image_size: tuple[int, int] = (32, 32)) -> Path:
+    """M(F(T(x))) as one ``torch.export`` program (``.pt2``, any batch size) for runtimes without
+    this package: ``torch.export.load(path).module()(images)``. Unlike the safetensors export it
+    embeds the victim's weights, so it is yours to keep, not to share as the victim's owner's."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.rand(2, 3, *image_size, device=next(model.parameters()).device)
+    program = torch.export.export(
+        model.eval(), (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}
+    )
+    torch.export.save(program, path)
+    return path
