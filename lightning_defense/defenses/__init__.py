@@ -5,6 +5,7 @@ from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearni
 from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
 from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
 from lightning_defense.defenses.shrinkpad import ShrinkPad
+from lightning_defense.defenses.tmr import TMR
 
 __all__ = [
     "REFINE",
@@ -15,4 +16,5 @@ __all__ = [
     "FeatureShiftTune",
     "FineTune",
     "ShrinkPad",
+    "TMR",
 ]

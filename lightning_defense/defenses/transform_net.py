@@ -1,5 +1,6 @@
-"""An image-to-image UNet from segmentation-models-pytorch, shared by the defenses that rewrite
-their input: REFINE's transformation T, BTI-DBF's backdoor generator and purifier."""
+"""The input transformations of the defenses that rewrite their input: an image-to-image UNet from
+segmentation-models-pytorch (REFINE's T, BTI-DBF's backdoor generator and purifier), and T-MR's
+learned border (REFINE paper, appendix D.6)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_defense.errors import ConfigurationError
@@ -109,3 +111,48 @@ class TransformNet(nn.Module):
     def inference_state_dict(self) -> dict[str, Tensor]:
         """T's weights without the encoder head, which the defended model never uses."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("unet.classification_head.")}
+
+
+class BorderPerturbation(nn.Module):
+    """T of T-MR, traditional model reprogramming: the image is shrunk into the centre of the frame
+    and a learned border, the same for every image, fills the rest:
+    T(x) = B ⊙ sigmoid(W) + (1 − B) ⊙ pad(resize(x)), B the border mask. All T can do to a
+    trigger is resample it, which is what the baseline is for: it shows what REFINE's
+    image-dependent UNet adds.
+
+    Args:
+        image_size: height and width of the victim's inputs (and of T's output).
+        border: width of the learned frame in pixels; the image keeps ``image_size - 2 * border``.
+    """
+
+    def __init__(self, image_size: int = 32, border: int = 4) -> None:
+        super().__init__()
+        if not 0 < border < image_size / 2:
+            raise ConfigurationError(
+                f"border must be in (0, {image_size / 2}) for {image_size}-pixel images, got {border}."
+            )
+        self.image_size, self.border = image_size, border
+        # in logit space, zero = mid-grey: the frame starts neutral
+        self.perturbation = nn.Parameter(torch.zeros(1, 3, image_size, image_size))
+        mask = torch.ones(1, 1, image_size, image_size)
+        mask[..., border:-border, border:-border] = 0
+        self.register_buffer("mask", mask)
+
+    def forward_with_head(self, images: Tensor) -> tuple[Tensor, None]:
+        """T(x), and no encoder head (the interface of :class:`~lightning_defense.defenses.TransformNet`)."""
+        if tuple(images.shape[-2:]) != (self.image_size, self.image_size):
+            raise ConfigurationError(
+                f"T-MR was built for {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}: "
+                "set image_size to the victim's input size."
+            )
+        inner = self.image_size - 2 * self.border
+        shrunk = F.interpolate(images, size=(inner, inner), mode="bilinear", antialias=True, align_corners=False)
+        framed = F.pad(shrunk, [self.border] * 4)
+        frame = torch.sigmoid(self.perturbation).to(framed.dtype)
+        return (self.mask * frame + (1 - self.mask) * framed).clamp(0, 1), None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_with_head(images)[0]
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        return self.state_dict()

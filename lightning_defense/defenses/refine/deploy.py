@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine, TransformNet
+from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
+from lightning_defense.defenses.transform_net import BorderPerturbation, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.safetensors_io import read_safetensors, write_safetensors
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"
+TRANSFORMS = {"TransformNet": TransformNet, "BorderPerturbation": BorderPerturbation}
 
 
 def sha256(path: str | Path) -> str:
@@ -38,6 +40,7 @@ def save_defended(path: str | Path, model: Refine, victim_path: str | Path, tran
     tensors["label_permutation.permutation"] = model.label_permutation.permutation
     metadata = {
         "format": FORMAT,
+        "transform_class": type(model.transform_net).__name__,
         "victim_path": str(victim_path),
         "victim_sha256": sha256(victim_path),
         "transform_net": json.dumps(transform_config),
@@ -65,7 +68,14 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
         )
     victim = load_victim(victim_path)
     permutation = tensors.pop("label_permutation.permutation")
-    transform_net = TransformNet(**json.loads(metadata["transform_net"]))
+    # the class comes from a fixed list, never imported by name: the file is untrusted input
+    transform_class = TRANSFORMS.get(metadata.get("transform_class", "TransformNet"))
+    if transform_class is None:
+        raise ConfigurationError(
+            f"{str(path)!r} holds a transformation {metadata['transform_class']!r} that this version does not know "
+            f"({', '.join(TRANSFORMS)})."
+        )
+    transform_net = transform_class(**json.loads(metadata["transform_net"]))
     transform_net.load_state_dict({k.removeprefix("transform_net."): v for k, v in tensors.items()})
     label_permutation = LabelPermutation(len(permutation))
     label_permutation.permutation.copy_(permutation)

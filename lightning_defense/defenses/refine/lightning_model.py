@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.augmentation import BatchAugmentation
@@ -49,6 +49,9 @@ class REFINE(DefenseModule):
             as they are (see :class:`Refine`); the data module must then serve them unaugmented.
     """
 
+    #: arguments a subclass with another T passes on unused: kept out of its hyperparameters
+    unused_hparams: tuple[str, ...] = ()
+
     def __init__(
         self,
         victim: str,
@@ -73,11 +76,10 @@ class REFINE(DefenseModule):
     ) -> None:
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
-        self.save_hyperparameters()
-        head_classes = victim_model.num_classes if encoder_head_weight > 0 else 0
+        self.save_hyperparameters(ignore=list(self.unused_hparams))
         self.model = Refine(
             victim_model,
-            TransformNet(**self.transform_config(), encoder_head_classes=head_classes),
+            self.build_transform_net(victim_model.num_classes),
             LabelPermutation(victim_model.num_classes, permutation_seed, enabled=use_permutation),
             classification_loss=classification_loss,
             contrastive_weight=contrastive_weight,
@@ -125,6 +127,11 @@ class REFINE(DefenseModule):
             (name, images, [f"F: {int(p)}" for p in victim]),
             (f"T({name})", transformed, [f"M∘F∘T: {int(p)}" for p in defended]),
         ]
+
+    def build_transform_net(self, num_classes: int) -> nn.Module:
+        """T: the UNet of the settings (subclasses put another transformation here)."""
+        head_classes = num_classes if self.hparams.encoder_head_weight > 0 else 0
+        return TransformNet(**self.transform_config(), encoder_head_classes=head_classes)
 
     def transform_config(self) -> dict[str, Any]:
         """T's settings: what :class:`TransformNet` needs to be rebuilt from an export (without
