@@ -76,3 +76,26 @@ def test_ft_and_fst_configs_run_end_to_end_in_short(tmp_path):
         assert not torch.equal(repaired.linear_layer.weight, shipped.linear_layer.weight)
         header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {"val/ba", "val/asr", "val/victim_ba"} <= set(header)
+
+
+def test_ft_then_refine_on_the_repaired_copy_through_the_configs(tmp_path):
+    shipped = str(REPO / "checkpoints" / "cifar10_resnet20_badnets.safetensors")
+    short = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+             "--trainer.check_val_every_n_epoch", "1"]  # fmt: skip
+    steps = (  # the two commands of configs/refine/after_finetune.yaml, run where runs/ is written
+        ["--config", str(REPO / "configs" / "finetune.yaml"), "--trainer.logger.init_args.name", "ft_for_refine",
+         "--model.init_args.victim", shipped, "--data.init_args.victim", shipped],
+        ["--config", str(REPO / "configs" / "refine.yaml"),
+         "--config", str(REPO / "configs" / "refine" / "after_finetune.yaml")],
+    )  # fmt: skip
+    for arguments in steps:
+        command = [sys.executable, "-m", "lightning_defense", "fit", *arguments, *short]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    from lightning_defense.defenses.refine import load_defended
+
+    repaired = tmp_path / "runs" / "ft_for_refine" / "version_0" / "repaired_victim.safetensors"
+    defended = load_defended(tmp_path / "runs" / "ft_refine" / "version_0" / "defended.safetensors", repaired)
+    assert torch.equal(defended.victim.linear_layer.weight, load_victim(repaired).linear_layer.weight)
+    header = (tmp_path / "runs" / "ft_refine" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/asr" in header  # the copy kept the original's attack, so ASR is measured
