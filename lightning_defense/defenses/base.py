@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from abc import abstractmethod
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics
@@ -22,8 +21,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 class DefenseModule(LightningModule):
     """Base of the defenses' LightningModules.
 
-    Subclasses build their model around a victim from :func:`~lightning_defense.victims.load_victim`,
-    expose it as :attr:`victim` and define ``forward`` as the defended model. Validation and test log
+    Subclasses build :attr:`model`, the defended model in plain torch, around a victim from
+    :func:`~lightning_defense.victims.load_victim` that it keeps as ``model.victim``; ``forward``
+    is the defended model (subclasses override these two where theirs differ). Validation and test log
     ``{val,test}/ba`` and ``/asr`` for the defended model and ``/victim_ba``, ``/victim_asr`` for the
     undefended victim on the same batches.
     """
@@ -35,14 +35,17 @@ class DefenseModule(LightningModule):
         self.val_victim_metrics = BackdoorMetrics(num_classes, "val", prefix="victim_")
         self.test_victim_metrics = BackdoorMetrics(num_classes, "test", prefix="victim_")
 
+    #: the defended model in plain torch, built by the subclass; it holds the frozen victim as ``victim``
+    model: nn.Module
+
     @property
-    @abstractmethod
     def victim(self) -> Classifier:
         """The frozen victim classifier."""
+        return self.model.victim
 
-    @abstractmethod
     def forward(self, images: Tensor) -> Tensor:
         """Logits of the defended model for [0, 1] images."""
+        return self.model(images)
 
     def setup(self, stage: str) -> None:
         check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")

@@ -139,13 +139,6 @@ class BTIDBF(DefenseModule):
         }
 
     @property
-    def victim(self) -> Classifier:
-        return self.model.victim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-    @property
     def phase(self) -> Phase:
         # after the last epoch, fit's current_epoch is one past the schedule: report the last phase
         return self.schedule.at(min(self.current_epoch, self.schedule.total_epochs - 1))

@@ -36,13 +36,6 @@ class FineTune(DefenseModule):
     def build(self, victim: Classifier) -> FineTuning:
         return FineTuning(victim)
 
-    @property
-    def victim(self) -> Classifier:
-        return self.model.victim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         losses = self.model.loss(images, labels)

@@ -89,13 +89,6 @@ class REFINE(DefenseModule):
             augmentation=BatchAugmentation() if augment else None,
         )
 
-    @property
-    def victim(self) -> Classifier:
-        return self.model.victim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if self.hparams.augment and getattr(self.trainer.datamodule, "augmentation", None) is not None:

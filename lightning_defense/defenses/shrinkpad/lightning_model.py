@@ -8,7 +8,7 @@ from torch import Tensor
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.shrinkpad.torch_model import ShrinkPadDefense
 from lightning_defense.errors import ConfigurationError
-from lightning_defense.victims import Classifier, load_victim
+from lightning_defense.victims import load_victim
 
 
 class ShrinkPad(DefenseModule):
@@ -27,13 +27,6 @@ class ShrinkPad(DefenseModule):
         if shrink < 1:
             raise ConfigurationError(f"shrink must be >= 1, got {shrink}.")
         self.model = ShrinkPadDefense(victim_model, shrink)
-
-    @property
-    def victim(self) -> Classifier:
-        return self.model.victim
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         raise ConfigurationError("ShrinkPad has nothing to train: run `lightning validate` or `lightning test`.")
