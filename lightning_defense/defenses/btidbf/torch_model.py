@@ -165,16 +165,15 @@ def generator_loss(
         "benign_distance": (mask * moved).pow(2).mean(),
         "backdoor_distance": ((1 - mask) * moved).pow(2).mean(),
     }
-    outside = parts["input_distance"] > input_bound or parts["benign_distance"] > feature_bound
-    if outside:
-        loss = parts["input_distance"]
-    else:
-        loss = -parts["backdoor_distance"] + benign_weight * parts["benign_distance"]
+    # a tensor condition, not Python's `or`: no host sync per step (the loss is the same)
+    outside = (parts["input_distance"] > input_bound) | (parts["benign_distance"] > feature_bound)
+    inside_loss = -parts["backdoor_distance"] + benign_weight * parts["benign_distance"]
+    loss = torch.where(outside, parts["input_distance"], inside_loss)
     if target is not None:
         targets = torch.full((len(images),), target, device=images.device)
         parts["target_ce"] = F.cross_entropy(model.head(features).float(), targets)
         loss = loss + parts["target_ce"]
-    return {"loss": loss, **parts, "outside_bounds": torch.tensor(float(outside))}
+    return {"loss": loss, **parts, "outside_bounds": outside.float()}
 
 
 class TriggerInversion(nn.Module):
