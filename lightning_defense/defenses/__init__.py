@@ -1,6 +1,7 @@
 """Defenses: each wraps a frozen victim classifier."""
 
 from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.bdmae import BDMAE, MAETrainer
 from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
 from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
 from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
@@ -8,6 +9,7 @@ from lightning_defense.defenses.shrinkpad import ShrinkPad
 from lightning_defense.defenses.tmr import TMR
 
 __all__ = [
+    "BDMAE",
     "REFINE",
     "BTIDBFPurification",
     "BTIDBFUnlearning",
@@ -15,6 +17,7 @@ __all__ = [
     "DefenseModule",
     "FeatureShiftTune",
     "FineTune",
+    "MAETrainer",
     "ShrinkPad",
     "TMR",
 ]
