@@ -1,8 +1,10 @@
 """Poisoning attacks used to train backdoored victims."""
 
+from lightning_defense.attacks.adaptive_patch import AdaptivePatch
 from lightning_defense.attacks.badnets import BadNets
 from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config
 from lightning_defense.attacks.blended import Blended
+from lightning_defense.attacks.label_consistent import LabelConsistent
 from lightning_defense.attacks.physical import PhysicalBA
 from lightning_defense.attacks.transforms import BATT, SIG, BppAttack
 from lightning_defense.attacks.wanet import WaNet
@@ -10,10 +12,12 @@ from lightning_defense.attacks.wanet import WaNet
 __all__ = [
     "BATT",
     "SIG",
+    "AdaptivePatch",
     "Attack",
     "BadNets",
     "Blended",
     "BppAttack",
+    "LabelConsistent",
     "LabelMode",
     "PhysicalBA",
     "WaNet",
