@@ -159,12 +159,15 @@ LAYER_BASES = {
     "btidbf": "btidbf_p.yaml",
     "finetune": "finetune.yaml",
     "scaling": "refine.yaml",
+    "bdmae": "bdmae.yaml",
 }
 
 
 def config_command(config: Path) -> list[str]:
-    """Files under configs/<defense>/ are layers on that defense's embedded default."""
-    base = LAYER_BASES.get(config.parent.name)
+    """Files under configs/<defense>/ are layers on that defense's embedded default, unless they name
+    their own data module (a whole config, e.g. configs/bdmae/mae.yaml)."""
+    whole = "class_path" in (yaml.safe_load(config.read_text()).get("data") or {})
+    base = None if whole else LAYER_BASES.get(config.parent.name)
     layers = ["--config", str(REPO / "configs" / base)] if base else []
     return ["fit", *layers, "--config", str(config), "--print_config"]
 
