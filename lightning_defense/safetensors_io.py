@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,3 +35,13 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
             f"{str(path)!r} is not a readable safetensors file ({err}); it may be truncated. Re-copy or re-export it."
         ) from err
     return tensors, metadata
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes: how one file references another it was made with, so a
+    swapped or altered file is refused on load."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,6 +4,7 @@ from lightning_defense.attacks.adaptive_patch import AdaptivePatch
 from lightning_defense.attacks.badnets import BadNets
 from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config
 from lightning_defense.attacks.blended import Blended
+from lightning_defense.attacks.input_aware import InputAware
 from lightning_defense.attacks.label_consistent import LabelConsistent
 from lightning_defense.attacks.physical import PhysicalBA
 from lightning_defense.attacks.transforms import BATT, SIG, BppAttack
@@ -17,6 +18,7 @@ __all__ = [
     "BadNets",
     "Blended",
     "BppAttack",
+    "InputAware",
     "LabelConsistent",
     "LabelMode",
     "PhysicalBA",

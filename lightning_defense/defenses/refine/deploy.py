@@ -10,7 +10,6 @@ path and SHA-256 (its weights are the third party's, not ours to copy), and chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,19 +18,11 @@ import torch
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
 from lightning_defense.defenses.transform_net import BorderPerturbation, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import read_safetensors, write_safetensors
+from lightning_defense.safetensors_io import read_safetensors, sha256, write_safetensors
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"
 TRANSFORMS = {"TransformNet": TransformNet, "BorderPerturbation": BorderPerturbation}
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_defended(path: str | Path, model: Refine, victim_path: str | Path, transform_config: dict) -> Path:
