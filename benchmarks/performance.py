@@ -1,0 +1,302 @@
+"""Where the time goes (issue 7): victim training, REFINE training, BTI-DBF's phases and defended
+inference, each timed *plain* and *optimized* side by side in one process, so that the ratio
+(optimized / plain) holds even on a shared machine whose absolute speed drifts.
+
+plain: fp32, contiguous memory, one ``__getitem__`` per image, REFINE's augmentation by v2 per
+image, the foreach SGD. optimized: bf16 autocast, channels_last, batches indexed at once
+(``ImageTensorDataset.__getitems__``), the batched augmentation (one ``grid_sample``), the fused
+SGD. ``--compile`` adds rows with ``torch.compile`` on top of optimized and reports the
+compilation time apart. Images are random (speed does not depend on content); the models are
+those of the configs (T, M, loss of a REFINE config; G, purifier, mask of a BTI-DBF config).
+Prints a table and writes JSON with the machine, torch version, device, precision and settings;
+``--profile`` adds the top operators of the optimized REFINE step (torch.profiler).
+
+    python benchmarks/performance.py --out benchmarks/results/performance/cpu.json --profile
+    python benchmarks/performance.py --refine-config configs/refine_full.yaml \\
+        --btidbf-config configs/btidbf_p_full.yaml --victim-arch resnet18 --batch-size 256 --compile \\
+        --out benchmarks/results/performance/h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from machine_info import machine
+from torch.utils.data import DataLoader
+
+from lightning_defense.data.augmentation import BatchAugmentation, RefineAugmentation, augment_each
+from lightning_defense.data.datasets import ImageTensorDataset, collate
+from lightning_defense.defenses.btidbf import BTIDBFPurification
+from lightning_defense.defenses.refine import REFINE
+from lightning_defense.victims import Classifier
+
+MODES = ("plain", "optimized")
+
+
+def timed(fn: Callable[[], object], steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Seconds per call after ``warmup`` calls (synchronizing the GPU around the timed calls)."""
+    for _ in range(warmup):
+        fn()
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+class Setting:
+    """What a mode changes: precision, memory format, optimizer kind, data path, augmentation."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode = mode
+        self.optimized = mode != "plain"
+        self.device = device
+        self.memory_format = torch.channels_last if self.optimized else torch.contiguous_format
+        self.augmentation = BatchAugmentation() if self.optimized else _PerImageAugmentation()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.optimized)
+
+    def images(self, batch_size: int) -> torch.Tensor:
+        return torch.rand(batch_size, 3, 32, 32, device=self.device).contiguous(memory_format=self.memory_format)
+
+    def module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.device, memory_format=self.memory_format)
+
+    def sgd(self, params, lr: float = 0.01) -> torch.optim.Optimizer:
+        kind = {"fused": True} if self.optimized else {"foreach": True}
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, **kind)
+
+    def loader(self, size: int, batch_size: int) -> DataLoader:
+        """A shuffled in-memory loader over ``size`` uint8 images, as the data modules build it."""
+        dataset = ImageTensorDataset(
+            torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (size,))
+        )
+        if not self.optimized:
+            dataset = _PerItem(dataset.images, dataset.labels)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+
+
+class _PerItem(ImageTensorDataset):
+    __getitems__ = None  # the DataLoader falls back to one __getitem__ per image
+
+
+class _PerImageAugmentation(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return augment_each(RefineAugmentation(tuple(images.shape[-2:])), images)
+
+
+def endless(loader: DataLoader, device: torch.device):
+    while True:
+        for images, _ in loader:
+            yield images.to(device, non_blocking=True)
+
+
+def train_step(loss_fn: Callable[[torch.Tensor], torch.Tensor], optimizer, setting: Setting, batches):
+    def step() -> None:
+        with setting.autocast():
+            loss = loss_fn(next(batches))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def fixed(images: torch.Tensor):
+    while True:
+        yield images
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every row in every mode; the modes of a row run right after each other, so that a drift in
+    the machine's load hits them alike."""
+    device = torch.device(args.device)
+    n, steps = args.batch_size, args.steps
+    refine_args = yaml.safe_load(args.refine_config.read_text())["model"]["init_args"]
+    btidbf_args = yaml.safe_load(args.btidbf_config.read_text())["model"]["init_args"]
+    if args.victim:
+        refine_args["victim"] = btidbf_args["victim"] = args.victim
+    modes = MODES + (("compiled",) if args.compile else ())
+    settings = {mode: Setting(mode, device) for mode in modes}
+    rows: dict[str, dict[str, float]] = {}
+
+    def row(name: str, make: Callable[[Setting], Callable[[], object]], compiles: bool = True) -> None:
+        """Time ``make(setting)()`` in each mode (``compiled`` only where ``compiles``)."""
+        if args.rows and not any(part in name for part in args.rows):
+            return
+        for mode, setting in settings.items():
+            if mode == "compiled" and not compiles:
+                continue
+            start = time.perf_counter()
+            fn = make(setting)
+            fn()  # the first call: compilation, where there is one
+            rows.setdefault(name, {})
+            if mode == "compiled":
+                rows[name]["compile_s"] = time.perf_counter() - start
+            rows[name][mode] = n / timed(fn, steps, device)
+            print(f"{name:42}{mode:>10}{rows[name][mode]:12.1f} images/s", flush=True)
+
+    def compiled(setting: Setting, fn):
+        return torch.compile(fn) if setting.mode == "compiled" else fn
+
+    # the data path alone: loading a batch, and REFINE's augmentation
+    row("data: load a batch", lambda s: partial(next, endless(s.loader(args.data_size, n), device)), compiles=False)
+    row("data: REFINE augmentation", lambda s: partial(s.augmentation, s.images(n)), compiles=False)
+
+    def victim_training(s: Setting):
+        victim = s.module(Classifier(args.victim_arch, 10))
+        labels = torch.randint(0, 10, (n,), device=device)
+        loss = compiled(s, lambda x: F.cross_entropy(victim(x), labels))
+        return train_step(loss, s.sgd(victim.parameters(), lr=0.1), s, fixed(s.images(n)))
+
+    row(f"victim training ({args.victim_arch})", victim_training)
+
+    def refine(s: Setting):
+        model = s.module(REFINE(**refine_args).model)
+        model.augmentation = s.augmentation
+        return model.train()
+
+    def refine_training(s: Setting, with_data: bool = False):
+        model = refine(s)
+        batches = endless(s.loader(args.data_size, n), device) if with_data else fixed(s.images(n))
+        loss = compiled(s, lambda x: model.loss(x)["loss"])
+        return train_step(loss, s.sgd(model.transform_net.parameters()), s, batches)
+
+    row("REFINE training step", refine_training)
+    row("REFINE training step + data path", partial(refine_training, with_data=True), compiles=False)
+
+    def inference(s: Setting, defended: bool):
+        model = refine(s).eval()
+        forward, images = compiled(s, model if defended else model.victim), s.images(n)
+
+        def infer() -> None:
+            with torch.inference_mode(), s.autocast():
+                forward(images)
+
+        return infer
+
+    row("inference: bare victim", partial(inference, defended=False))
+    row("inference: defended (T, F, M)", partial(inference, defended=True))
+
+    def btidbf_phase(s: Setting, phase: str):
+        model = s.module(BTIDBFPurification(**btidbf_args).model).train()
+        labels = torch.randint(0, 10, (n,), device=device)
+        part, loss = {
+            "mask": (model.feature_mask, lambda x: model.mask_loss(x, labels)["loss"]),
+            "generator": (model.generator, lambda x: model.generator_loss(x, 0)["loss"]),
+            "purifier": (model.purifier, lambda x: model.defense_loss(x, labels)["loss"]),
+        }[phase]
+        return train_step(compiled(s, loss), s.sgd(part.parameters()), s, fixed(s.images(n)))
+
+    for phase in ("mask", "generator", "purifier"):
+        row(f"BTI-DBF step: {phase}", partial(btidbf_phase, phase=phase))
+
+    for values in rows.values():
+        values["optimized_over_plain"] = values["optimized"] / values["plain"]
+    path_row = rows.get("REFINE training step + data path")
+    result = {
+        "machine": machine(),
+        "device": str(device),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "images_per_s": rows,
+        "refine_epoch_s_50k": {m: 50_000 / path_row[m] for m in MODES} if path_row else None,
+    }
+    if args.profile:
+        result["refine_profile"] = profile_refine(refine(settings["optimized"]), settings["optimized"], n)
+    return result
+
+
+def profile_refine(refine, setting: Setting, batch_size: int, steps: int = 5) -> list[dict]:
+    """Top operators (self time) of REFINE's training step in ``setting``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    optimizer = setting.sgd(refine.transform_net.parameters())
+    step = train_step(lambda x: refine.loss(x)["loss"], optimizer, setting, fixed(setting.images(batch_size)))
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setting.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    key = "self_device_time_total" if setting.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events)
+    top = [
+        {"op": e.key, "share": getattr(e, key) / total, "ms_per_step": getattr(e, key) / 1000 / steps}
+        for e in events[:15]
+    ]
+    print("\nREFINE step, top operators by self time:")
+    for t in top:
+        print(f"  {t['op']:48}{100 * t['share']:6.1f}%{t['ms_per_step']:10.2f} ms/step")
+    return top
+
+
+def markdown(result: dict) -> str:
+    """The result as Markdown tables: images/s per row and mode, then the profile."""
+    modes = [m for m in ("plain", "optimized", "compiled") if any(m in v for v in result["images_per_s"].values())]
+    header = "| row | " + " | ".join(f"{m} images/s" for m in modes) + " | optimized / plain |"
+    header += " compile s |" if "compiled" in modes else ""
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for name, values in result["images_per_s"].items():
+        cells = [f"{values[m]:,.0f}" if m in values else "–" for m in modes]
+        line = f"| {name} | {' | '.join(cells)} | {values['optimized_over_plain']:.2f} |"
+        if "compiled" in modes:
+            line += f" {values['compile_s']:.0f} |" if "compile_s" in values else " – |"
+        lines.append(line)
+    epoch = result["refine_epoch_s_50k"]
+    if epoch:
+        lines.append("")
+        lines.append(
+            f"One REFINE epoch of 50,000 images, data path included: {epoch['plain'] / 60:.1f} min plain, "
+            f"{epoch['optimized'] / 60:.1f} min optimized."
+        )
+    if "refine_profile" in result:
+        lines += ["", "| REFINE step, top operators (optimized) | share of self time | ms per step |", "|---|---|---|"]
+        lines += [
+            f"| `{t['op']}` | {100 * t['share']:.1f}% | {t['ms_per_step']:.1f} |" for t in result["refine_profile"]
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--refine-config", type=Path, default=Path("configs/refine.yaml"))
+    parser.add_argument("--btidbf-config", type=Path, default=Path("configs/btidbf_p.yaml"))
+    parser.add_argument("--victim", help="victim file for REFINE and BTI-DBF instead of the configs'")
+    parser.add_argument("--victim-arch", default="resnet20", help="the architecture timed for victim training")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed calls per row (after 3 warm-up calls)")
+    parser.add_argument("--data-size", type=int, default=50_000, help="images in the timed loaders")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (compile time reported apart)")
+    parser.add_argument("--profile", action="store_true", help="profile the optimized REFINE step")
+    parser.add_argument("--rows", nargs="*", help="time only the rows whose name contains one of these")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    result = measure(args)
+    print(f"\n{'':42}{'plain':>10}{'optimized':>11}{'ratio':>8}   (images/s)")
+    for name, values in result["images_per_s"].items():
+        ratio = values.get("optimized_over_plain")
+        print(
+            f"{name:42}{values.get('plain', 0):10.1f}{values.get('optimized', 0):11.1f}"
+            f"{(f'{ratio:8.2f}' if ratio else ''):>8}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        args.out.with_suffix(".md").write_text(markdown(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
