@@ -193,23 +193,6 @@ class BDMAE(DefenseModule):
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
         self.save_hyperparameters()
-        checks = {
-            "repeats": repeats >= 1,
-            "masks_per_repeat": masks_per_repeat >= 1,
-            "mask_ratio": 0 < mask_ratio < 1,
-            "refine_steps": refine_steps >= 0,
-            "refine_step_size": refine_step_size >= 0,
-            "image_score_weight": 0 <= image_score_weight <= 1,
-            "thresholds": len(thresholds) > 0 and all(0 < t <= 1 for t in thresholds),
-            "max_restored_share": 0 < max_restored_share <= 1,
-            "chunk_size": chunk_size >= 1,
-        }
-        wrong = [name for name, ok in checks.items() if not ok]
-        if wrong:
-            raise ConfigurationError(
-                f"BDMAE settings out of range: {', '.join(f'{n}={self.hparams[n]!r}' for n in wrong)}. Counts must be "
-                ">= 1 (refine_steps >= 0), ratios, weights, shares and thresholds in (0, 1]."
-            )
         self.model = BDMAEDefense(
             victim_model,
             load_mae(mae),

@@ -241,6 +241,24 @@ class BDMAEDefense(nn.Module):
         chunk_size: int = 1024,
     ) -> None:
         super().__init__()
+        checks = {
+            "repeats": repeats >= 1,
+            "masks_per_repeat": masks_per_repeat >= 1,
+            "mask_ratio": 0 < mask_ratio < 1,
+            "refine_steps": refine_steps >= 0,
+            "refine_step_size": refine_step_size >= 0,
+            "image_score_weight": 0 <= image_score_weight <= 1,
+            "thresholds": len(thresholds) > 0 and all(0 < t <= 1 for t in thresholds),
+            "max_restored_share": 0 < max_restored_share <= 1,
+            "chunk_size": chunk_size >= 1,
+        }
+        settings = locals()
+        wrong = [name for name, ok in checks.items() if not ok]
+        if wrong:
+            raise ConfigurationError(
+                f"BDMAE settings out of range: {', '.join(f'{n}={settings[n]!r}' for n in wrong)}. Counts must be "
+                ">= 1 (refine_steps >= 0), ratios, weights, shares and thresholds in (0, 1]."
+            )
         if masks_per_repeat * int(mae.num_tokens * mask_ratio) < mae.num_tokens:
             raise ConfigurationError(
                 f"{masks_per_repeat} masks of {mask_ratio:.0%} of the tokens cannot mask every token once: "
