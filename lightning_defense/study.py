@@ -209,7 +209,7 @@ class Study:
         return results
 
 
-METRICS = ("val/ba", "val/asr", "val/victim_ba", "val/victim_asr")
+METRICS = ("val/ba", "val/asr", "val/ra", "val/victim_ba", "val/victim_asr", "val/victim_ra")
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:

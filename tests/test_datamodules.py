@@ -39,7 +39,12 @@ def test_cifar10_image_folder_layout_with_attack(tmp_path, image_folder_writer):
     assert len(clean.dataset) == 200 and len(poisoned.dataset) == 180  # target class left out
     images, labels = first_batch(dm.train_dataloader())
     check_served(images)
-    assert first_batch(poisoned)[1].eq(0).all()
+    poisoned_images, attacker_labels, true_labels = first_batch(poisoned)
+    assert attacker_labels.eq(0).all()
+    # the poisoned images keep their own classes for the robust accuracy: the clean test labels, target left out
+    clean_labels = clean.dataset.labels
+    assert torch.equal(poisoned.dataset.true_labels, clean_labels[clean_labels != 0])
+    assert torch.equal(true_labels, poisoned.dataset.true_labels[: len(true_labels)])
 
 
 def test_reserved_split_is_seeded_per_class_and_disjoint():

@@ -32,6 +32,21 @@ def test_ba_and_asr_on_hand_made_predictions():
     assert module.logged["val/asr"].compute().item() == pytest.approx(3 / 4)
 
 
+def test_robust_accuracy_counts_poisoned_images_put_in_their_true_class():
+    metrics, module = BackdoorMetrics(4, "val"), _Recorder()
+    # attacker's label 0; true classes 1, 2, 3, 1: two land on the target, one on its own class,
+    # one on neither (the backdoor fired elsewhere, or the trigger broke the image)
+    predictions, true = one_hot_logits([0, 0, 3, 2]), torch.tensor([1, 2, 3, 1])
+    metrics.update(module, predictions, torch.zeros(4, dtype=torch.long), 1, true_labels=true)
+    assert module.logged["val/asr"].compute().item() == pytest.approx(2 / 4)
+    assert module.logged["val/ra"].compute().item() == pytest.approx(1 / 4)
+    # without true labels (a loader from elsewhere) there is no RA, and the clean set never has one
+    other = _Recorder()
+    BackdoorMetrics(4, "val").update(other, predictions, torch.zeros(4, dtype=torch.long), 1)
+    BackdoorMetrics(4, "val").update(other, predictions, true, 0, true_labels=true)
+    assert set(other.logged) == {"val/asr", "val/ba"}
+
+
 def test_prefix_names_the_undefended_victim():
     metrics = BackdoorMetrics(4, "test", prefix="victim_")
     assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"

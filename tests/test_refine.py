@@ -441,7 +441,11 @@ def test_the_shipped_embedded_default_runs_end_to_end_in_short(tmp_path):
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
-    assert re.search(r"victim BA \d+\.\d\d% / ASR \d+\.\d\d%  ->  defended BA \d+\.\d\d% / ASR \d+\.\d\d%", output)
+    assert re.search(
+        r"victim BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%  ->  "
+        r"defended BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%",
+        output,
+    )
     # output is not a terminal, so the CLI adds EpochSummary: a line per epoch, validation on epoch 1 only
     epochs = [line for line in output.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 2 and "train/loss" in epochs[0]

@@ -39,7 +39,9 @@ class InMemoryDataModule(LightningDataModule):
         self.test_set = ImageTensorDataset(images, labels)
         self.poisoned_test_set = None
         if attack is not None:
-            self.poisoned_test_set = ImageTensorDataset(*attack.poison_test_set(images, labels, num_classes))
+            poisoned, attacker_labels = attack.poison_test_set(images, labels, num_classes)
+            true_labels = labels[attack.poisoned_test_images(labels)]
+            self.poisoned_test_set = ImageTensorDataset(poisoned, attacker_labels, true_labels=true_labels)
 
     def _loader(self, dataset: ImageTensorDataset, shuffle: bool) -> DataLoader:
         return DataLoader(

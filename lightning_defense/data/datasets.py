@@ -25,41 +25,57 @@ def data_home() -> Path:
 
 
 class ImageTensorDataset(Dataset):
-    """Images held as one uint8 NCHW tensor; items are ``(float image in [0, 1], label)``.
+    """Images held as one uint8 NCHW tensor; items are ``(float image in [0, 1], label)``, or
+    ``(image, label, true label)`` when ``true_labels`` is given (a poisoned test set: ``labels``
+    are the attacker's, ``true_labels`` the images' own classes, for the robust accuracy).
 
     ``transform`` runs on the uint8 image (torchvision transforms v2 work on tensors) before the
     conversion to float, so augmentation never sees values outside [0, 255].
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        true_labels: Tensor | None = None,
+    ):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ConfigurationError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}.")
-        if len(images) != len(labels):
-            raise ConfigurationError(f"{len(images)} images but {len(labels)} labels.")
+        if len(images) != len(labels) or (true_labels is not None and len(true_labels) != len(images)):
+            counts = f"{len(labels)} labels" + ("" if true_labels is None else f" and {len(true_labels)} true labels")
+            raise ConfigurationError(f"{len(images)} images but {counts}.")
         self.images = images
         self.labels = labels.long()
+        self.true_labels = None if true_labels is None else true_labels.long()
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def _item(self, images: Tensor, index: int | Tensor) -> tuple[Tensor, ...]:
+        images = images.float().div_(255)
+        if self.true_labels is None:
+            return images, self.labels[index]
+        return images, self.labels[index], self.true_labels[index]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
         image = self.images[index]
         if self.transform is not None:
             image = self.transform(image)
-        return image.float().div_(255), self.labels[index]
+        return self._item(image, index)
 
-    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
         """A whole batch at once: the DataLoader calls this instead of one ``__getitem__`` per image,
         so without a per-image transform there is no Python loop over the batch."""
         index = torch.as_tensor(indices, dtype=torch.long)
         images = self.images[index]
         if self.transform is not None:
             images = torch.stack([self.transform(image) for image in images])
-        return images.float().div_(255), self.labels[index]
+        return self._item(images, index)
 
 
-def collate(batch: tuple[Tensor, Tensor] | list) -> tuple[Tensor, Tensor]:
+def collate(batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
     """A DataLoader's ``collate_fn`` for :class:`ImageTensorDataset`: its batches come made; a
     list of items (a data set without ``__getitems__``, e.g. a ConcatDataset) is stacked."""
     return batch if isinstance(batch, tuple) else default_collate(batch)

@@ -24,8 +24,8 @@ class DefenseModule(LightningModule):
     Subclasses build :attr:`model`, the defended model in plain torch, around a victim from
     :func:`~lightning_defense.victims.load_victim` that it keeps as ``model.victim``; ``forward``
     is the defended model (subclasses override these two where theirs differ). Validation and test log
-    ``{val,test}/ba`` and ``/asr`` for the defended model and ``/victim_ba``, ``/victim_asr`` for the
-    undefended victim on the same batches.
+    ``{val,test}/ba``, ``/asr`` and ``/ra`` for the defended model and ``/victim_ba``, ``/victim_asr``,
+    ``/victim_ra`` for the undefended victim on the same batches.
     """
 
     def __init__(self, num_classes: int) -> None:
@@ -53,29 +53,34 @@ class DefenseModule(LightningModule):
         # 1.2-1.4x faster on the CPU in bf16 (benchmarks/PERFORMANCE.md), and tensor cores want it
         self.to(memory_format=torch.channels_last)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
-        """Update BA/ASR of the defended model and of the victim; returns both logits."""
-        images, labels = batch
+    def _evaluate(self, batch: tuple[Tensor, ...], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
+        """Update BA/ASR/RA of the defended model and of the victim; returns both logits."""
+        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
+        true = true_labels[0] if true_labels else None
         defended, victim = self(images), self.victim(images)
-        getattr(self, f"{stage}_metrics").update(self, defended, labels, dataloader_idx)
-        getattr(self, f"{stage}_victim_metrics").update(self, victim, labels, dataloader_idx)
+        getattr(self, f"{stage}_metrics").update(self, defended, labels, dataloader_idx, true)
+        getattr(self, f"{stage}_victim_metrics").update(self, victim, labels, dataloader_idx, true)
         return defended, victim
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, dataloader_idx, "test")
 
     def before_after(self, stage: str = "val") -> str | None:
-        """``victim BA .. / ASR ..  ->  defended BA .. / ASR ..`` from the last evaluation's metrics."""
+        """``victim BA .. / ASR .. / RA ..  ->  defended BA .. / ASR .. / RA ..`` from the last
+        evaluation's metrics (RA where the poisoned set carried true labels)."""
         metrics = self.trainer.callback_metrics
-        victim, defended = getattr(self, f"{stage}_victim_metrics"), getattr(self, f"{stage}_metrics")
-        keys = [victim.name(0), victim.name(1), defended.name(0), defended.name(1)]  # BA, ASR of each
-        if not all(k in metrics for k in keys):
-            return None
-        victim_ba, victim_asr, ba, asr = (100 * float(metrics[k]) for k in keys)
-        return f"victim BA {victim_ba:.2f}% / ASR {victim_asr:.2f}%  ->  defended BA {ba:.2f}% / ASR {asr:.2f}%"
+
+        def line(prefix: str) -> str | None:
+            values = {name: metrics.get(f"{stage}/{prefix}{name}") for name in ("ba", "asr", "ra")}
+            if values["ba"] is None or values["asr"] is None:
+                return None
+            return " / ".join(f"{name.upper()} {100 * float(v):.2f}%" for name, v in values.items() if v is not None)
+
+        victim, defended = line("victim_"), line("")
+        return f"victim {victim}  ->  defended {defended}" if victim and defended else None
 
     def on_fit_end(self) -> None:
         summary = self.before_after("val")

@@ -263,7 +263,7 @@ class InputAwareVictimTrainer(VictimTrainer):
         (all-to-one: not of the target class) with their own trigger, and cross accuracy with
         their partner's trigger. Validation in the mask phase reports the mask density alone:
         the classifier and the trigger generator have not started training."""
-        images, labels = batch
+        images, labels = batch[:2]
         masks = self.generators.masks(images)
         density = getattr(self, f"{stage}_mask_density")
         density.update(masks.float().mean(dim=(1, 2, 3)))
@@ -276,7 +276,8 @@ class InputAwareVictimTrainer(VictimTrainer):
         keep = self.attack.poisoned_test_images(labels)
         if keep.any():
             poisoned = self.generators.blend(images[keep], patterns[keep], masks[keep])
-            metrics.update(self, self(poisoned), self.attack.poison_labels(labels[keep], self.hparams.num_classes), 1)
+            attacker_labels = self.attack.poison_labels(labels[keep], self.hparams.num_classes)
+            metrics.update(self, self(poisoned), attacker_labels, 1, labels[keep])
         # in eval mode each image's pattern and mask depend on that image alone: rolled, they are the partners'
         crossed = self.generators.blend(images, partners(patterns), partners(masks))
         cross_accuracy = getattr(self, f"{stage}_cross_accuracy")

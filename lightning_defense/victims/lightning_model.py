@@ -84,12 +84,12 @@ class VictimTrainer(LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        self.val_metrics.update(self, self(images), labels, dataloader_idx)
+        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
+        self.val_metrics.update(self, self(images), labels, dataloader_idx, *true_labels)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        self.test_metrics.update(self, self(images), labels, dataloader_idx)
+        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
+        self.test_metrics.update(self, self(images), labels, dataloader_idx, *true_labels)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(batch[0]).argmax(dim=1)
@@ -124,7 +124,7 @@ class VictimTrainer(LightningModule):
         metrics = self.trainer.callback_metrics
         summary = ", ".join(
             f"{name.split('/')[1].upper()} {float(metrics[name]):.2%}"
-            for name in ("val/ba", "val/asr")
+            for name in ("val/ba", "val/asr", "val/ra")
             if name in metrics
         )
         rank_zero_info(f"Victim written to {path}" + (f" ({summary} on the last validation)" if summary else ""))

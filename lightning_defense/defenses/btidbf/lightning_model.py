@@ -310,7 +310,7 @@ class BTIDBF(DefenseModule):
         attack = getattr(self.trainer.datamodule, "attack", None)
         if dataloader_idx != 0 or attack is None:
             return
-        images, labels = batch
+        images, labels = batch[:2]
         images = images[attack.poisoned_test_images(labels)]
         if len(images) == 0:
             return
