@@ -15,8 +15,10 @@ Every run writes its Lightning folder under ``<out>/runs/<name>/`` and its outpu
 ``<out>/logs/<name>.log``. At the end ``<out>/summary.json`` holds, per row, the exact command,
 the wall time, the last validation metrics and the per-epoch ``val/ba``/``val/asr``; the table
 is printed as Markdown (also written to ``summary.md``) and ``ba_asr.png`` plots the curves.
-Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run
-again, so an interrupted sweep continues where it stopped.
+A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``validate`` for
+test-time defenses that train nothing (BDMAE). Rows already finished (``logs/<name>.time``,
+written only when a run exits 0) are not run again, so an interrupted sweep continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -41,15 +43,15 @@ def flatten(args: list) -> list[str]:
     return [str(b) for a in args for b in (flatten(a) if isinstance(a, list) else [a])]
 
 
-def command(base: list[str], extra: list[str], out: Path, name: str) -> list[str]:
+def command(base: list[str], extra: list[str], out: Path, name: str, subcommand: str = "fit") -> list[str]:
     configs = [arg for config in base for arg in ("--config", config)]
     logger = ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
-    return ["lightning", "fit", *configs, *extra, *logger]
+    return ["lightning", subcommand, *configs, *extra, *logger]
 
 
 def table(results: list[dict]) -> str:
-    keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr"]
-    header = "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | best BA % (after epoch) |"
+    keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr", "val/ra"]
+    header = "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | RA % | best BA % (after epoch) |"
     # trigger-inversion defenses (BTI-DBF) also report the detected target, detection and phase times
     detection = any("val/dsr" in r["last"] for r in results)
     if detection:
@@ -113,7 +115,8 @@ def main() -> None:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    commands = {name: command(spec["base"], v, args.out, name) for name, v in variants.items()}
+    subcommand = spec.get("subcommand", "fit")
+    commands = {name: command(spec["base"], v, args.out, name, subcommand) for name, v in variants.items()}
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))

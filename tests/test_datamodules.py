@@ -15,6 +15,7 @@ from lightning_defense.data import (
 )
 from lightning_defense.data.datamodules import CIFAR10_CLASSES
 from lightning_defense.data.datasets import ImageTensorDataset
+from lightning_defense.errors import ConfigurationError
 
 
 def first_batch(loader):
@@ -45,6 +46,28 @@ def test_cifar10_image_folder_layout_with_attack(tmp_path, image_folder_writer):
     clean_labels = clean.dataset.labels
     assert torch.equal(poisoned.dataset.true_labels, clean_labels[clean_labels != 0])
     assert torch.equal(true_labels, poisoned.dataset.true_labels[: len(true_labels)])
+
+
+def test_test_fraction_evaluates_a_seeded_per_class_subset(tmp_path, image_folder_writer):
+    for split in ("train", "test"):
+        image_folder_writer(tmp_path / split, list(CIFAR10_CLASSES), per_class=20)
+
+    def eval_sets(**kwargs):
+        dm = CIFAR10DataModule(str(tmp_path), batch_size=16, attack=BadNets(target=0), **kwargs)
+        dm.setup("fit")
+        return dm.test_set, dm.poisoned_test_set
+
+    full, _ = eval_sets()
+    clean, poisoned = eval_sets(test_fraction=0.25)
+    assert clean.labels.bincount().tolist() == [5] * 10  # a quarter of every class
+    assert len(poisoned) == 45 and torch.equal(poisoned.true_labels, clean.labels[clean.labels != 0])
+    # the subset is drawn from the test images themselves, the same for the same seed, another for another
+    index = [next(i for i in range(len(full)) if torch.equal(full.images[i], image)) for image in clean.images]
+    assert torch.equal(full.labels[index], clean.labels)
+    assert torch.equal(eval_sets(test_fraction=0.25)[0].images, clean.images)
+    assert not torch.equal(eval_sets(test_fraction=0.25, seed=1)[0].images, clean.images)
+    with pytest.raises(ConfigurationError, match="test_fraction"):
+        CIFAR10DataModule(str(tmp_path), test_fraction=0.0)
 
 
 def test_reserved_split_is_seeded_per_class_and_disjoint():

@@ -77,6 +77,9 @@ class BackdoorDataModule(InMemoryDataModule):
         reserved_fraction: per-class share of the training set held out from the victim.
         seed: draws the reserved split (a defense using the same seed gets the same split).
         augment: random crop (padding 4) and horizontal flip on training images.
+        test_fraction: per-class share of the test set that validation and test use, drawn with
+            ``seed``: an evaluation budget for slow test-time defenses (BDMAE queries the victim
+            dozens of times an image; 0.1 is 1,000 CIFAR-10 test images). 1.0: all of it.
     """
 
     num_classes: int
@@ -90,8 +93,14 @@ class BackdoorDataModule(InMemoryDataModule):
         reserved_fraction: float = 0.05,
         seed: int = 0,
         augment: bool = True,
+        test_fraction: float = 1.0,
     ) -> None:
+        if not 0 < test_fraction <= 1:
+            raise ConfigurationError(
+                f"test_fraction must be in (0, 1], got {test_fraction}: 1.0 evaluates the whole test set."
+            )
         super().__init__(batch_size, num_workers)
+        self.test_fraction = test_fraction
         self.attack = attack
         self.reserved_fraction = reserved_fraction
         self.seed = seed
@@ -134,6 +143,9 @@ class BackdoorDataModule(InMemoryDataModule):
         self.train_set = ImageTensorDataset(train_images, train_labels, self.train_transform())
         test_images, test_labels = self.load_test()
         self._check_labels(test_labels, "test")
+        if self.test_fraction < 1:
+            _, subset = per_class_split(test_labels, self.test_fraction, self.seed)
+            test_images, test_labels = test_images[subset], test_labels[subset]
         self._set_test_sets(test_images, test_labels, self.attack, self.num_classes)
         self._prepared = True
 
