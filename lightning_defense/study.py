@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lightning_defense.errors import ConfigurationError
 
 
@@ -183,7 +185,12 @@ class Study:
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise ConfigurationError(f"Cell {cell.name} has a bad configuration:\n{done.stderr.strip()[-2000:]}")
-            path.write_text(done.stdout)
+            config = yaml.safe_load(done.stdout)
+            # the study's aux_data replaces the defense config's whole: jsonargparse merges the
+            # init_args of successive configs, so a base config's `fraction` would sit beside the
+            # study's `per_class` (which the data classes refuse) or change what the cell draws
+            config["data"]["init_args"]["aux_data"] = self.aux_config(cell)
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
             arguments.write_text(wanted)
         return path
 

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jsonargparse import ArgumentParser
 
 from lightning_defense.attacks import BadNets
+from lightning_defense.data.auxiliary import AuxiliaryData
 from lightning_defense.study import Study
 from lightning_defense.victims import Classifier, VictimMetadata, save_victim
 
@@ -82,6 +84,12 @@ def test_every_shipped_study_makes_valid_cell_configs(config, tmp_path, monkeypa
         aux = printed["data"]["init_args"]["aux_data"]
         assert aux["class_path"].endswith("Calibrated") == cell.calibrated
         assert printed["model"]["init_args"]["victim"] == study.victim
+        # the cell's data is the study's alone (a defense config's `fraction` once sat beside the
+        # study's `per_class`, which the data classes refuse): it must build
+        parser = ArgumentParser()
+        parser.add_argument("--aux", type=AuxiliaryData)
+        built = parser.instantiate_classes(parser.parse_object({"aux": aux})).aux
+        assert isinstance(built, AuxiliaryData)
 
 
 def test_a_changed_study_reruns_its_cells_and_refine_never_calibrates_on_ground_truth(tmp_path, monkeypatch):
