@@ -31,8 +31,12 @@ class BackdoorMetrics(nn.Module):
             {name: MulticlassAccuracy(num_classes, average="micro") for name in (*METRIC_BY_LOADER, ROBUST_ACCURACY)}
         )
 
+    def key(self, metric: str) -> str:
+        """The logged name of ``metric`` (``ba``, ``asr`` or ``ra``), e.g. ``val/victim_ra``."""
+        return f"{self.stage}/{self.prefix}{metric}"
+
     def name(self, dataloader_idx: int) -> str:
-        return f"{self.stage}/{self.prefix}{METRIC_BY_LOADER[dataloader_idx]}"
+        return self.key(METRIC_BY_LOADER[dataloader_idx])
 
     def update(
         self,
@@ -57,6 +61,13 @@ class BackdoorMetrics(nn.Module):
         metric = self.metrics[name]
         metric.update(logits, labels)
         module.log(
-            f"{self.stage}/{self.prefix}{name}", metric, on_step=False, on_epoch=True, prog_bar=prog_bar,
+            self.key(name), metric, on_step=False, on_epoch=True, prog_bar=prog_bar,
             add_dataloader_idx=False,
         )  # fmt: skip
+
+
+def split_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(images, labels, true labels or None)`` of an evaluation batch: poisoned batches carry
+    the images' true classes after the attacker's labels, clean ones do not."""
+    images, labels, *true_labels = batch
+    return images, labels, (true_labels[0] if true_labels else None)

@@ -88,7 +88,7 @@ def test_every_shipped_study_makes_valid_cell_configs(config, tmp_path, monkeypa
         # study's `per_class`, which the data classes refuse): it must build
         parser = ArgumentParser()
         parser.add_argument("--aux", type=AuxiliaryData)
-        built = parser.instantiate_classes(parser.parse_object({"aux": aux})).aux
+        built = parser.instantiate(parser.parse_object({"aux": aux})).aux
         assert isinstance(built, AuxiliaryData)
 
 

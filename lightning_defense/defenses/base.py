@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_defense.errors import check_class_count
-from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.evaluation import BackdoorMetrics, split_batch
 from lightning_defense.victims import Classifier
 
 # The frozen victim stays in eval mode on purpose (contract 2); Lightning's warning about
@@ -55,8 +55,7 @@ class DefenseModule(LightningModule):
 
     def _evaluate(self, batch: tuple[Tensor, ...], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
         """Update BA/ASR/RA of the defended model and of the victim; returns both logits."""
-        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
-        true = true_labels[0] if true_labels else None
+        images, labels, true = split_batch(batch)
         defended, victim = self(images), self.victim(images)
         getattr(self, f"{stage}_metrics").update(self, defended, labels, dataloader_idx, true)
         getattr(self, f"{stage}_victim_metrics").update(self, victim, labels, dataloader_idx, true)
@@ -73,13 +72,13 @@ class DefenseModule(LightningModule):
         evaluation's metrics (RA where the poisoned set carried true labels)."""
         metrics = self.trainer.callback_metrics
 
-        def line(prefix: str) -> str | None:
-            values = {name: metrics.get(f"{stage}/{prefix}{name}") for name in ("ba", "asr", "ra")}
+        def line(model: BackdoorMetrics) -> str | None:
+            values = {name: metrics.get(model.key(name)) for name in ("ba", "asr", "ra")}
             if values["ba"] is None or values["asr"] is None:
                 return None
             return " / ".join(f"{name.upper()} {100 * float(v):.2f}%" for name, v in values.items() if v is not None)
 
-        victim, defended = line("victim_"), line("")
+        victim, defended = line(getattr(self, f"{stage}_victim_metrics")), line(getattr(self, f"{stage}_metrics"))
         return f"victim {victim}  ->  defended {defended}" if victim and defended else None
 
     def on_fit_end(self) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import check_class_count
-from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.evaluation import BackdoorMetrics, split_batch
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
@@ -84,12 +84,12 @@ class VictimTrainer(LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
-        self.val_metrics.update(self, self(images), labels, dataloader_idx, *true_labels)
+        images, labels, true_labels = split_batch(batch)
+        self.val_metrics.update(self, self(images), labels, dataloader_idx, true_labels)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels, *true_labels = batch  # poisoned batches carry the true classes too
-        self.test_metrics.update(self, self(images), labels, dataloader_idx, *true_labels)
+        images, labels, true_labels = split_batch(batch)
+        self.test_metrics.update(self, self(images), labels, dataloader_idx, true_labels)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         return self(batch[0]).argmax(dim=1)
