@@ -1,0 +1,87 @@
+"""What Guided Input Calibration does to the images of a study: per kind of auxiliary data, how far
+the calibrated images are from the originals and how the victim sees both.
+
+For each kind in a study config (``configs/studies/aux_shift.yaml`` by default) it builds the kind's
+labeled images, calibrates them with the study's GIC settings (from the on-disk cache when the
+study already did) and reports: mean |delta| and the share of pixels at the L-infinity bound (in
+0-255 units), and the victim's accuracy on the labels, in eval mode, on the original images, on the
+calibrated ones, and on the calibrated ones after one random crop (pad 4) and flip each, the
+augmentation FT trains with.
+
+    LIGHTNING_DEFENSE_DATA=~/.cache/ld python benchmarks/gic_perturbation.py \
+        [--study configs/studies/aux_shift.yaml] [--out benchmarks/results/study_aux_shift/gic_perturbation.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from torchvision.transforms import v2
+
+from lightning_defense.data import AuxiliaryData, Calibrated, CIFAR10DataModule
+from lightning_defense.victims import load_victim
+
+
+@torch.no_grad()
+def accuracy(victim: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    correct = sum(
+        (victim(batch.float().div(255)).argmax(1) == y).sum().item()
+        for batch, y in zip(images.split(500), labels.split(500), strict=True)
+    )
+    return 100 * correct / len(labels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", type=Path, default=Path("configs/studies/aux_shift.yaml"))
+    parser.add_argument("--out", type=Path, default=None, help="write the markdown table here too")
+    args = parser.parse_args()
+
+    study = yaml.safe_load(args.study.read_text())
+    victim = load_victim(study["victim"])
+    source = CIFAR10DataModule(reserved_fraction=0.05, seed=0)  # the study's `arguments`: the victim's split
+    source.setup("fit")
+    builder = ArgumentParser()
+    builder.add_argument("--aux", type=AuxiliaryData)
+    augment = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+    torch.manual_seed(0)
+
+    lines = [
+        "| aux data | mean abs delta (/255) | pixels at the bound % | victim acc. original % "
+        "| victim acc. calibrated % | calibrated, after crop+flip % |",
+        "|---|---|---|---|---|---|",
+    ]
+    start = time.monotonic()
+    for name, spec in study["aux_data"].items():
+        base = builder.instantiate(builder.parse_object({"aux": spec})).aux
+        images, labels = base.select(source, victim)
+        calibrated, _ = Calibrated(base, **(study.get("calibration") or {})).select(source, victim)
+        delta = calibrated.float() - images.float()
+        bound = round(255 * (study.get("calibration") or {}).get("epsilon", 0.1))
+        augmented = torch.stack([augment(image) for image in calibrated])
+        lines.append(
+            f"| {name} | {delta.abs().mean():.1f} | {100 * (delta.abs() >= bound - 1).float().mean():.1f} "
+            f"| {accuracy(victim, images, labels):.2f} | {accuracy(victim, calibrated, labels):.2f} "
+            f"| {accuracy(victim, augmented, labels):.2f} |"
+        )
+        print(lines[-1], flush=True)
+    lines.append(
+        f"\nVictim `{study['victim']}`, GIC {study.get('calibration')}; labels as the study's labeled cells "
+        f"(FT, BTI-DBF) see them. {time.monotonic() - start:.0f} s on {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}."
+    )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
