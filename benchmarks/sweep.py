@@ -16,7 +16,8 @@ Every run writes its Lightning folder under ``<out>/runs/<name>/`` and its outpu
 the wall time, the last validation metrics and the per-epoch ``val/ba``/``val/asr``; the table
 is printed as Markdown (also written to ``summary.md``) and ``ba_asr.png`` plots the curves.
 A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``validate`` for
-test-time defenses that train nothing (BDMAE). Rows already finished (``logs/<name>.time``,
+test-time defenses that train nothing (BDMAE); one row may name its own, as a mapping
+``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table. Rows already finished (``logs/<name>.time``,
 written only when a run exits 0) are not run again, so an interrupted sweep continues where it
 stopped.
 """
@@ -108,15 +109,18 @@ def main() -> None:
     extra = argv[split + 1 :]  # after `--`: arguments for every run
 
     spec = yaml.safe_load(args.variants.read_text())
-    variants = {name: flatten(v or []) + extra for name, v in spec["variants"].items()}
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only}
+    default_subcommand = spec.get("subcommand", "fit")
+    commands = {}
+    for name, value in spec["variants"].items():
+        if args.only and name not in args.only:
+            continue
+        row = value if isinstance(value, dict) else {"args": value}
+        subcommand = row.get("subcommand", default_subcommand)
+        commands[name] = command(spec["base"], flatten(row.get("args") or []) + extra, args.out, name, subcommand)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    subcommand = spec.get("subcommand", "fit")
-    commands = {name: command(spec["base"], v, args.out, name, subcommand) for name, v in variants.items()}
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
