@@ -17,9 +17,9 @@ the wall time, the last validation metrics and the per-epoch ``val/ba``/``val/as
 is printed as Markdown (also written to ``summary.md``) and ``ba_asr.png`` plots the curves.
 A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``validate`` for
 test-time defenses that train nothing (BDMAE); one row may name its own, as a mapping
-``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table. Rows already finished (``logs/<name>.time``,
-written only when a run exits 0) are not run again, so an interrupted sweep continues where it
-stopped.
+``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table.
+Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run again,
+so an interrupted sweep continues where it stopped.
 """
 
 from __future__ import annotations

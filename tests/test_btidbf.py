@@ -233,6 +233,46 @@ def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_pat
         tiny_trainer(tmp_path).fit(other, data(victim), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_replay_draws_each_image_from_the_earlier_generators_or_the_current_one():
+    from lightning_defense.defenses.btidbf.torch_model import Purification
+
+    victim = toy_victim()
+    model = Purification(victim, Shift(0.0), Shift(0.0), replay_generators=True)
+    model.remember_generator()  # round 1's G: + 0
+    with torch.no_grad():
+        model.generator.shift.fill_(0.5)  # round 2's G: + 0.5
+    (earlier,) = model.earlier_generators
+    assert not earlier.shift.requires_grad and float(earlier.shift) == 0.0
+    images = torch.rand(64, 3, 32, 32)
+    shifts = (model.generate(images) - images).flatten(1).mean(dim=1)
+    assert torch.all(torch.isclose(shifts, torch.tensor(0.0), atol=1e-6) | torch.isclose(shifts, torch.tensor(0.5)))
+    assert 10 < int((shifts > 0.25).sum()) < 54  # both generators, about half each
+    model.replay_generators = False  # the paper: this round's G alone
+    torch.testing.assert_close(model.generate(images), images + 0.5)
+
+
+def test_replayed_generators_are_kept_once_a_round_and_restored_on_resume(tmp_path):
+    victim = victim_file(tmp_path)
+    settings = {"rounds": 3, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1, **TINY_UNET}
+    first = BTIDBFPurification(victim, replay_generators=True, checkpoint_every_n_epochs=1, **settings)
+    # rounds are 4 epochs (mask, generator, vote, purifier): stop after round 3's mask (epoch 8)
+    tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[StopAfter(8)]).fit(first, data(victim))
+    round_1, round_2 = first.model.earlier_generators
+    # round 2's copy is G as it is now (G was last trained in round 2); round 1's is older
+    current = first.model.generator.state_dict().values()
+    assert all(torch.equal(a, b) for a, b in zip(round_2.state_dict().values(), current))
+    assert any(not torch.equal(a, b) for a, b in zip(round_1.parameters(), round_2.parameters()))
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {k.split(".")[2] for k in saved if k.startswith("model.earlier_generators.")} == {"0", "1"}
+
+    resumed = BTIDBFPurification(victim, replay_generators=True, **settings)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(resumed, data(victim), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert trainer.current_epoch == 12 and len(resumed.model.earlier_generators) == 2  # none after the last round
+    for name, value in resumed.model.earlier_generators.state_dict().items():
+        torch.testing.assert_close(value, saved[f"model.earlier_generators.{name}"])  # restored, then frozen
+
+
 @pytest.mark.parametrize("config", ["btidbf_p.yaml", "btidbf_u.yaml"])
 def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     """The embedded defaults as users run them (shipped victim, embedded data), cut to a few steps."""

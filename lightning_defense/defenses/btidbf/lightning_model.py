@@ -66,6 +66,9 @@ class BTIDBF(DefenseModule):
             defense's own).
         input_bound, feature_bound, benign_weight, vote_noise, poison_fraction: see
             :class:`~.torch_model.TriggerInversion`.
+        replay_generators: not in the paper (off by default): from round 2, step 3 also trains on
+            the earlier rounds' generators (a frozen copy of G is kept at the end of each round,
+            saved in the checkpoint), so the defense cannot forget a trigger an earlier round found.
         encoder_name, encoder_depth, decoder_channels: the UNet of the generator (and purifier),
             a residual :class:`TransformNet` that starts as the identity.
         checkpoint_every_n_epochs: how often at most ``last.ckpt`` is written (every n epochs, n the
@@ -89,6 +92,7 @@ class BTIDBF(DefenseModule):
         benign_weight: float = 0.01,
         vote_noise: float = 0.03,
         poison_fraction: float = 0.1,
+        replay_generators: bool = False,
         encoder_name: str = "resnet18",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
@@ -105,6 +109,7 @@ class BTIDBF(DefenseModule):
             "benign_weight": benign_weight,
             "vote_noise": vote_noise,
             "poison_fraction": poison_fraction,
+            "replay_generators": replay_generators,
         }
         self.model = self.build(victim_model, TransformNet(**self.generator_config()), trigger_settings)
         # not a buffer: DDP broadcasts buffers from rank 0 before every step, which would overwrite
@@ -121,7 +126,7 @@ class BTIDBF(DefenseModule):
             setattr(self, f"{stage}_trigger_cosine", MeanMetric())
         self.phase_seconds: dict[str, float] = {}
 
-    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, float]) -> TriggerInversion:
+    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> TriggerInversion:
         """The plain-torch model of the variant."""
         raise NotImplementedError
 
@@ -234,6 +239,9 @@ class BTIDBF(DefenseModule):
         phase = self.phase
         elapsed = time.monotonic() - getattr(self, "epoch_start", time.monotonic())
         self.phase_seconds[phase.name] = self.phase_seconds.get(phase.name, 0.0) + elapsed
+        last_round = phase.round == self.schedule.rounds - 1
+        if self.model.replay_generators and phase.name == "defense" and phase.last_epoch and not last_round:
+            self.model.remember_generator()  # before ModelCheckpoint saves this epoch
         if phase.name == "detect":
             votes = self.trainer.strategy.reduce(self.target_votes.to(self.device), reduce_op="sum").cpu()
             if phase.round == 0:
@@ -262,6 +270,11 @@ class BTIDBF(DefenseModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the earlier rounds' generators must exist before the state dict is loaded into them
+        prefix = "model.earlier_generators."
+        kept = {key[len(prefix) :].split(".")[0] for key in checkpoint.get("state_dict", {}) if key.startswith(prefix)}
+        while len(self.model.earlier_generators) < len(kept):
+            self.model.remember_generator()
         state = checkpoint.get("btidbf", {})
         self.phase_seconds = dict(state.get("phase_seconds", {}))
         if "target_votes" in state:
@@ -371,7 +384,7 @@ class BTIDBFPurification(BTIDBF):
         self._input_weight = input_weight
         super().__init__(victim, defense_lr=defense_lr, **kwargs)
 
-    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, float]) -> Purification:
+    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> Purification:
         purifier = TransformNet(**self.generator_config(identity_init=True))
         return Purification(victim, generator, purifier, input_weight=self._input_weight, **settings)
 
@@ -405,7 +418,7 @@ class BTIDBFUnlearning(BTIDBF):
     def __init__(self, victim: str, defense_lr: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(victim, defense_lr=defense_lr, **kwargs)
 
-    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, float]) -> Unlearning:
+    def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> Unlearning:
         return Unlearning(victim, generator, **settings)
 
     def defense_part(self) -> torch.nn.Module:
