@@ -7,6 +7,7 @@ import torch
 
 from lightning_defense.attacks import BATT, SIG, BadNets, Blended, BppAttack, PhysicalBA, WaNet, attack_from_config
 from lightning_defense.attacks.base import to_float, to_uint8
+from lightning_defense.data import SyntheticDataModule
 
 
 def batch(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -175,20 +176,28 @@ def test_bpp_quantizes_to_its_levels_and_adds_negative_samples_with_true_labels(
     assert set(relabelled.tolist()) <= set(indices.tolist()) and changed.sum() == 10 + 20
 
 
-def test_physical_ba_transforms_poisoned_training_images_but_not_test_images():
+def test_physical_ba_poisons_like_badnets_and_transforms_every_training_image_each_epoch():
     images, labels = to_uint8(batch(100)), torch.arange(100) % 10
-    physical = PhysicalBA(poison_rate=0.2, seed=1)
-    plain = BadNets(poison_rate=0.2, seed=1)
-    physical_images, physical_labels, indices = physical.poison_training_set(images, labels, 10)
-    plain_images, plain_labels, same = plain.poison_training_set(images, labels, 10)
-    assert torch.equal(indices, same) and torch.equal(physical_labels, plain_labels)
-    assert not torch.equal(physical_images[indices], plain_images[indices])  # flipped, jittered, warped
-    untouched = torch.ones(100, dtype=torch.bool)
-    untouched[indices] = False
-    assert torch.equal(physical_images[untouched], images[untouched])
+    physical, plain = PhysicalBA(poison_rate=0.2, seed=1), BadNets(poison_rate=0.2, seed=1)
+    # the stored poisoned set is BadNets' (the patch): the physical transforms belong to the training pipeline
+    poisoned = physical.poison_training_set(images, labels, 10)
+    assert all(torch.equal(a, b) for a, b in zip(poisoned, plain.poison_training_set(images, labels, 10)))
     assert torch.equal(physical.poison_test_set(images, labels, 10)[0], plain.poison_test_set(images, labels, 10)[0])
-    again = PhysicalBA(poison_rate=0.2, seed=1).poison_training_set(images, labels, 10)[0]
-    assert torch.equal(again, physical_images)  # seeded
+    assert plain.training_transform() is None
+
+    def two_reads(attack, seed: int = 0):
+        data = SyntheticDataModule(
+            train_per_class=10, test_per_class=1, reserved_fraction=0.0, augment=False, attack=attack
+        )
+        data.setup()
+        clean = next(i for i in range(len(data.train_set)) if i not in set(data.poisoned_indices.tolist()))
+        torch.manual_seed(seed)
+        return data.train_set[clean][0], data.train_set[clean][0]
+
+    first, second = two_reads(PhysicalBA(poison_rate=0.2))
+    assert not torch.equal(first, second)  # a clean image too, and a new draw every read (epoch)
+    assert torch.equal(two_reads(PhysicalBA(poison_rate=0.2))[0], first)  # from the global seed
+    assert torch.equal(*two_reads(BadNets(poison_rate=0.2)))  # data poisoning alone adds no transform
 
 
 @pytest.mark.parametrize("attack", [BATT(target=4), SIG(target=4), BppAttack(target=4), PhysicalBA(target=4)])

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torchvision.transforms import v2
 
 from lightning_defense.errors import ConfigurationError
 
@@ -63,6 +64,12 @@ class Attack(ABC):
 
     # clean-label attacks poison target-class images only and never change a label
     clean_label: bool = False
+
+    def training_transform(self) -> v2.Transform | None:
+        """A transform of every training image (uint8), poisoned or not, drawn afresh every epoch,
+        after the data's own augmentation: for attacks that control the training pipeline
+        (PhysicalBA's physical-capture simulation). ``None`` for data-poisoning attacks."""
+        return None
 
     def check(self, image_size: tuple[int, int], num_classes: int) -> None:
         """Fail early, naming the fix, when the attack cannot work on this data."""

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
 from torchvision.transforms import v2
 
 from lightning_defense.attacks.badnets import BadNets
-from lightning_defense.attacks.base import LabelMode, to_float, to_uint8
+from lightning_defense.attacks.base import LabelMode
 
 
 class PhysicalBA(BadNets):
-    """PhysicalBA (Li et al., 2021): the BadNets patch, and every poisoned *training* image then
-    goes through physical-style transformations (flip, colour jitter, a small affine warp), drawn
-    once per image from ``seed``, so the backdoor survives them; test images carry the plain patch.
+    """PhysicalBA (Li et al., 2021): the BadNets patch on the poisoned training images, and every
+    training image, poisoned or not, goes through physical-style transformations (flip, colour
+    jitter, a small affine warp) drawn afresh every epoch (:meth:`training_transform`), as in
+    BackdoorBox: the backdoor has to survive them. Warping the poisoned images alone would make the
+    warp itself a trigger the network can learn instead of the patch. Test images carry the plain patch.
 
     Args:
         brightness, contrast: ColorJitter strengths (the seeds' 0.2 and 0.2).
@@ -38,7 +38,7 @@ class PhysicalBA(BadNets):
         self.brightness, self.contrast = brightness, contrast
         self.degrees, self.translate, self.scale = degrees, translate, tuple(scale)
 
-    def physical(self) -> v2.Compose:
+    def training_transform(self) -> v2.Compose:
         return v2.Compose(
             [
                 v2.RandomHorizontalFlip(),
@@ -46,13 +46,3 @@ class PhysicalBA(BadNets):
                 v2.RandomAffine(self.degrees, translate=(self.translate, self.translate), scale=self.scale),
             ]
         )
-
-    def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-        images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
-        if len(poisoned):
-            from lightning_defense.data.augmentation import augment_each  # data imports attacks: no cycle at import
-
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(self.seed + 4)  # the CPU's only
-                images[poisoned] = to_uint8(augment_each(self.physical(), to_float(images[poisoned])))
-        return images, labels, poisoned

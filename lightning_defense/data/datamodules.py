@@ -140,7 +140,10 @@ class BackdoorDataModule(InMemoryDataModule):
             train_images, train_labels, self.poisoned_indices = self.attack.poison_training_set(
                 train_images, train_labels, self.num_classes
             )
-        self.train_set = ImageTensorDataset(train_images, train_labels, self.train_transform())
+        transforms = [self.train_transform(), self.attack.training_transform() if self.attack else None]
+        transforms = [t for t in transforms if t is not None]
+        transform = v2.Compose(transforms) if len(transforms) > 1 else next(iter(transforms), None)
+        self.train_set = ImageTensorDataset(train_images, train_labels, transform)
         test_images, test_labels = self.load_test()
         self._check_labels(test_labels, "test")
         if self.test_fraction < 1:
