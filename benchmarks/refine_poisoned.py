@@ -52,7 +52,8 @@ def histogram(classes: list[torch.Tensor], num_classes: int) -> list[int]:
 @torch.no_grad()
 def analyse(export: Path, cifar10_root: str | None, victim_path: str | None, batch_size: int = 500) -> dict:
     model = load_defended(export, victim_path)
-    attack = attack_from_config(read_victim_metadata(victim_path or read_safetensors(export)[1]["victim_path"]).attack)
+    victim_path = victim_path or read_safetensors(export)[1]["victim_path"]
+    attack = attack_from_config(read_victim_metadata(victim_path).attack).locate_files(victim_path)
     num_classes = model.victim.num_classes
     images, labels = test_images(cifar10_root)
     # the poisoned test set exactly as validation builds it (contract 4), and the true classes beside it

@@ -184,10 +184,18 @@ def test_tiny_iad_victim_through_the_cli_and_its_victim_file_rebuilds_the_attack
     # a moved generators file is found again when named; a tampered one is refused before it is read
     moved = tmp_path / "elsewhere.safetensors"
     shutil.move(generators_file, moved)
-    with pytest.raises(InputNotFoundError, match="new path"):
+    with pytest.raises(InputNotFoundError, match="beside the victim file"):
         attack_from_config(stored).apply(images)
     relocated = {**stored, "init_args": {**stored["init_args"], "generators_file": str(moved)}}
     assert torch.equal(attack_from_config(relocated).apply(images), attack.apply(images))
+    # copied beside the victim file as <victim stem>.generators.safetensors, it is found unnamed
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(victim_file, shipped / "iad.safetensors")
+    shutil.copy(moved, shipped / "iad.generators.safetensors")
+    beside = DefenseDataModule(source, ReservedData(), victim=str(shipped / "iad.safetensors"))
+    beside.setup()
+    assert torch.equal(beside.poisoned_test_set.images, poisoned.images)
     tampered = bytearray(moved.read_bytes())
     tampered[-1] ^= 1
     moved.write_bytes(bytes(tampered))

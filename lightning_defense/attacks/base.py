@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,6 +65,12 @@ class Attack(ABC):
 
     # clean-label attacks poison target-class images only and never change a label
     clean_label: bool = False
+
+    def locate_files(self, victim_file: str | Path) -> Attack:
+        """This attack as rebuilt from ``victim_file``'s metadata, with any file it reads looked
+        up beside the victim file when the recorded path is gone, so files copied together keep
+        working. Most attacks read no file."""
+        return self
 
     def training_transform(self) -> v2.Transform | None:
         """A transform of every training image (uint8), poisoned or not, drawn afresh every epoch,

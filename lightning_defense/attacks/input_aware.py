@@ -215,7 +215,8 @@ def _load_generators(path: str, expected_sha256: str) -> InputAwareGenerators:
     if not file.is_file():
         raise InputNotFoundError(
             f"The IAD generators file {path!r} does not exist. It is written next to the victim "
-            "(generators.safetensors in the training run's folder); if it was moved, set the attack's "
+            "(generators.safetensors in the training run's folder); keep it beside the victim file (as "
+            "generators.safetensors or <victim stem>.generators.safetensors), or set the attack's "
             "`generators_file` to its new path (e.g. the DefenseDataModule's `attack:` section, with the "
             "same generators_sha256)."
         )
@@ -303,6 +304,21 @@ class InputAware(Attack):
         self.generators_file = generators_file
         self.generators_sha256 = generators_sha256
         self._loaded: InputAwareGenerators | None = None
+
+    def locate_files(self, victim_file: str | Path) -> InputAware:
+        """When the recorded generators file is gone, use ``<victim stem>.generators.safetensors``
+        or a file of the recorded name beside the victim file (the SHA-256 check still applies)."""
+        if self.generators_file is None or Path(self.generators_file).is_file():
+            return self
+        victim_file = Path(victim_file)
+        for candidate in (
+            victim_file.with_name(f"{victim_file.stem}.generators.safetensors"),
+            victim_file.with_name(Path(self.generators_file).name),
+        ):
+            if candidate.is_file():
+                self.generators_file, self._loaded = str(candidate), None
+                break
+        return self
 
     def load_generators(self) -> InputAwareGenerators:
         """The trained generators (eval mode, no gradients), read once and checked by SHA-256."""

@@ -272,7 +272,7 @@ class DefenseDataModule(InMemoryDataModule):
                 f"Victim {self.victim!r} records no attack, so the poisoned test set cannot be rebuilt: "
                 "give the DefenseDataModule an `attack`."
             )
-        return attack_from_config(metadata.attack)
+        return attack_from_config(metadata.attack).locate_files(self.victim)
 
     def _check_image_size(self) -> None:
         """A victim meets only images of the size it was trained on (its network would accept
