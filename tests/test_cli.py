@@ -160,6 +160,8 @@ LAYER_BASES = {
     "finetune": "finetune.yaml",
     "scaling": "refine.yaml",
     "bdmae": "bdmae.yaml",
+    "tmr": "tmr.yaml",
+    "shrinkpad": "shrinkpad.yaml",
 }
 
 
