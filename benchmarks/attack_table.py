@@ -91,13 +91,13 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     figure, axes = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(attacks)), 6), sharex=True)
     for axis, key, title in ((axes[0], "val/ba", "BA % (clean test set)"), (axes[1], "val/asr", "ASR %")):
         for i, (name, runs) in enumerate(series.items()):
-            values = [100 * r["last"][key] if r and key in r["last"] else 0 for r in runs]
+            values = [100 * r["last"][key] if r and key in r["last"] else float("nan") for r in runs]  # not run: no bar
             axis.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(attacks))], values, width, label=name)
         axis.set_ylabel(title)
         axis.set_ylim(0, 100)
         axis.grid(axis="y", alpha=0.3)
     axes[1].set_xticks(range(len(attacks)), [ATTACKS[a] for a in attacks], rotation=20)
-    axes[0].legend(ncol=len(series), fontsize=8, loc="lower left")
+    axes[0].legend(ncol=len(series), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
