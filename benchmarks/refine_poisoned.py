@@ -28,12 +28,11 @@ import torch
 from machine_info import machine
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_defense.attacks import attack_from_config
+from lightning_defense.attacks import attack_of_victim
 from lightning_defense.data import CIFAR10DataModule
 from lightning_defense.data.embedded_cifar10 import load_embedded_cifar10
 from lightning_defense.defenses.refine.deploy import load_defended
 from lightning_defense.safetensors_io import read_safetensors
-from lightning_defense.victims.victim_file import read_victim_metadata
 
 
 def test_images(cifar10_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +52,7 @@ def histogram(classes: list[torch.Tensor], num_classes: int) -> list[int]:
 def analyse(export: Path, cifar10_root: str | None, victim_path: str | None, batch_size: int = 500) -> dict:
     model = load_defended(export, victim_path)
     victim_path = victim_path or read_safetensors(export)[1]["victim_path"]
-    attack = attack_from_config(read_victim_metadata(victim_path).attack).locate_files(victim_path)
+    attack = attack_of_victim(victim_path)
     num_classes = model.victim.num_classes
     images, labels = test_images(cifar10_root)
     # the poisoned test set exactly as validation builds it (contract 4), and the true classes beside it

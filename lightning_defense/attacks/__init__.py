@@ -2,7 +2,7 @@
 
 from lightning_defense.attacks.adaptive_patch import AdaptivePatch
 from lightning_defense.attacks.badnets import BadNets
-from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config
+from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config, attack_of_victim
 from lightning_defense.attacks.blended import Blended
 from lightning_defense.attacks.input_aware import InputAware
 from lightning_defense.attacks.label_consistent import LabelConsistent
@@ -24,4 +24,5 @@ __all__ = [
     "PhysicalBA",
     "WaNet",
     "attack_from_config",
+    "attack_of_victim",
 ]

@@ -172,3 +172,15 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
             f"Unknown attack {class_path!r}; known attacks: {', '.join(sorted(c for c in known if '.' not in c))}."
         )
     return known[class_path](**config.get("init_args", {}))
+
+
+def attack_of_victim(victim_file: str | Path) -> Attack | None:
+    """The attack a victim file records (``None`` if it records none), rebuilt with
+    :func:`attack_from_config`, with the files it reads looked up beside the victim file when their
+    recorded paths are gone (:meth:`Attack.locate_files`)."""
+    from lightning_defense.victims import read_victim_metadata  # victims import attacks: no cycle at import
+
+    metadata = read_victim_metadata(victim_file)
+    if metadata is None or metadata.attack is None:
+        return None
+    return attack_from_config(metadata.attack).locate_files(victim_file)

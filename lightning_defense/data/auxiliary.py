@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lightning_defense.attacks import Attack, attack_from_config
+from lightning_defense.attacks import Attack, attack_of_victim
 from lightning_defense.data.augmentation import augment_each
 from lightning_defense.data.datamodules import CIFAR10_CLASSES, BackdoorDataModule, InMemoryDataModule
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder
@@ -266,13 +266,13 @@ class DefenseDataModule(InMemoryDataModule):
     def _victim_attack(self) -> Attack | None:
         if self.attack is not None or self.victim is None:
             return self.attack
-        metadata = read_victim_metadata(self.victim)
-        if metadata is None or metadata.attack is None:
+        attack = attack_of_victim(self.victim)
+        if attack is None:
             raise ConfigurationError(
                 f"Victim {self.victim!r} records no attack, so the poisoned test set cannot be rebuilt: "
                 "give the DefenseDataModule an `attack`."
             )
-        return attack_from_config(metadata.attack).locate_files(self.victim)
+        return attack
 
     def _check_image_size(self) -> None:
         """A victim meets only images of the size it was trained on (its network would accept
