@@ -4,6 +4,7 @@ of clean-label and cover samples, and a tiny victim of each trained through the 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,38 @@ def test_clean_lc_and_adaptive_patch_victims_train_through_the_cli(tmp_path, mon
         assert {"val/ba", "val/asr"} <= set((run / "metrics.csv").read_text().splitlines()[0].split(","))
         stored = read_victim_metadata(run / "victim.safetensors").attack
         assert type(attack_from_config(stored)).__name__ == name
+
+
+def test_lc_checks_the_clean_model_learnt_the_victims_data(tmp_path):
+    victim_data = {"class_path": "x.CIFAR10DataModule", "num_classes": 10, "reserved_fraction": 0.05, "seed": 0,
+                   "image_size": [32, 32]}  # fmt: skip
+
+    def clean_model_of(data: dict | None) -> LabelConsistent:
+        torch.manual_seed(0)
+        path = save_victim(
+            tmp_path / "clean.safetensors", Classifier("resnet20", 10), VictimMetadata("resnet20", 10, data=data)
+        )
+        return LabelConsistent(clean_model=str(path))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data and split: no error, no warning
+        clean_model_of(victim_data).check_training_data(victim_data)
+        clean_model_of(None).check_training_data(victim_data)  # nothing recorded: nothing to compare
+    with pytest.raises(ConfigurationError, match=r"other data \(\{'class_path': 'x.GTSRBDataModule'\}.*cifar10_clean"):
+        clean_model_of(victim_data | {"class_path": "x.GTSRBDataModule"}).check_training_data(victim_data)
+    with pytest.raises(ConfigurationError, match="image_size"):
+        clean_model_of(victim_data | {"image_size": [64, 64]}).check_training_data(victim_data)
+    with pytest.warns(UserWarning, match="another split.*seed 1 vs 0"):
+        clean_model_of(victim_data | {"seed": 1}).check_training_data(victim_data)
+
+
+def test_the_data_module_has_lc_check_its_clean_model_before_pgd(tmp_path):
+    from lightning_defense.data import SyntheticDataModule
+
+    torch.manual_seed(0)
+    other = VictimMetadata("resnet20", 10, data={"class_path": "x.GTSRBDataModule", "num_classes": 10})
+    path = save_victim(tmp_path / "clean.safetensors", Classifier("resnet20", 10), other)
+    attack = LabelConsistent(target=1, clean_model=str(path), steps=1)
+    data = SyntheticDataModule(train_per_class=4, test_per_class=2, reserved_fraction=0.25, attack=attack)
+    with pytest.raises(ConfigurationError, match="trained on other data"):
+        data.setup("fit")

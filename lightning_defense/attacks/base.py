@@ -72,6 +72,12 @@ class Attack(ABC):
         working. Most attacks read no file."""
         return self
 
+    def check_training_data(self, data: dict[str, Any]) -> None:
+        """Fail early when a file this attack reads to poison a training set was made for other
+        data than ``data`` (what a victim file records: ``BackdoorDataModule.data_config()``).
+        Most attacks read no file."""
+        return None
+
     def training_transform(self) -> v2.Transform | None:
         """A transform of every training image (uint8), poisoned or not, drawn afresh every epoch,
         after the data's own augmentation: for attacks that control the training pipeline

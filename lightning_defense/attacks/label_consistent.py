@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from rich.progress import track
 from torch import Tensor, nn
 
 from lightning_defense.attacks.adaptive_patch import corner_positions, paste_patch
 from lightning_defense.attacks.base import Attack, LabelMode, to_float, to_uint8
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.victims import Classifier, load_victim
+from lightning_defense.victims import Classifier, load_victim, read_victim_metadata
 
 CLEAN_CONFIG = "configs/victims/cifar10_clean.yaml"
 
@@ -147,6 +148,36 @@ class LabelConsistent(Attack):
                 f"`lightning fit --config {CLEAN_CONFIG}`."
             )
         return model
+
+    def check_training_data(self, data: dict[str, Any]) -> None:
+        """The clean model must have learnt the victim's data set: PGD against a network of another
+        data set (or image size) pushes images away from the wrong features. Another reserved split
+        only warns: the perturbations still work, but the clean model may have trained on the images
+        a defense later reserves, which the seeds' threat model does not allow."""
+        if self.clean_model is None or not Path(self.clean_model).is_file():
+            return  # load_clean_model names the fix when the training set is poisoned
+        metadata = read_victim_metadata(self.clean_model)
+        trained_on = metadata.data if metadata is not None else None
+        if trained_on is None:  # a bare state dict records no data
+            return
+        data_set = ("class_path", "num_classes", "image_size")
+        if differs := [key for key in data_set if trained_on.get(key) != data.get(key)]:
+            theirs = {key: trained_on.get(key) for key in differs}
+            ours = {key: data.get(key) for key in differs}
+            raise ConfigurationError(
+                f"LabelConsistent's clean_model {self.clean_model!r} was trained on other data ({theirs}; "
+                f"this victim's: {ours}). "
+                f"Train the clean model on the victim's data (`lightning fit --config {CLEAN_CONFIG}` with the "
+                "victim config's `data`) and point `clean_model` to its victim.safetensors."
+            )
+        split = ("reserved_fraction", "seed")
+        if differs := [key for key in split if trained_on.get(key) != data.get(key)]:
+            rank_zero_warn(
+                f"LabelConsistent's clean_model {self.clean_model!r} was trained on another split of the data "
+                f"({', '.join(f'{key} {trained_on.get(key)} vs {data.get(key)}' for key in differs)}): it may have "
+                "seen the images the victim's reserved split keeps for defenses. Train it with the victim's "
+                "reserved_fraction and seed to keep them unseen."
+            )
 
     def perturb(self, images: Tensor, labels: Tensor, num_classes: int) -> Tensor:
         """PGD against the clean model on uint8 ``images``; float [0, 1] out."""

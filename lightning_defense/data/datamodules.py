@@ -137,6 +137,7 @@ class BackdoorDataModule(InMemoryDataModule):
         train_images, train_labels = images[victim_part], labels[victim_part]
         self.poisoned_indices = torch.empty(0, dtype=torch.long)
         if self.attack is not None:
+            self.attack.check_training_data(self.data_config())
             train_images, train_labels, self.poisoned_indices = self.attack.poison_training_set(
                 train_images, train_labels, self.num_classes
             )
