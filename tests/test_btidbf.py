@@ -56,6 +56,37 @@ def test_schedule_maps_every_epoch_to_its_round_and_phase():
         schedule.at(20)
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         RoundSchedule(0, 1, 1, 1)
+    assert [e for e in range(20) if schedule.ends_block(e)] == [9, 19]  # validation after each round
+
+
+def test_pretraining_comes_first_and_shifts_every_round():
+    schedule = RoundSchedule(rounds=2, mask_epochs=2, generator_epochs=3, defense_epochs=4, pretrain_epochs=3)
+    assert schedule.total_epochs == 23
+    assert [(schedule.at(e).round, schedule.at(e).name) for e in (0, 2, 3)] == [
+        (-1, "pretrain"),
+        (-1, "pretrain"),
+        (0, "mask"),
+    ]
+    assert schedule.at(2).last_epoch and (schedule.at(16).round, schedule.at(16).name) == (1, "generator")
+    assert [e for e in range(23) if schedule.ends_block(e)] == [2, 12, 22]
+    with pytest.raises(ValueError, match="pretrain_epochs must be >= 0"):
+        RoundSchedule(1, 1, 1, 1, pretrain_epochs=-1)
+
+
+def test_pretraining_weighs_the_input_distance_100_beyond_the_bound_and_001_within():
+    from lightning_defense.defenses.btidbf.torch_model import pretrain_loss
+
+    victim = toy_victim()
+    images = torch.rand(8, 3, 32, 32)
+    for shift, weight in ((0.5, 100.0), (0.01, 0.01)):
+        parts = pretrain_loss(victim, Shift(shift), images, input_bound=0.1)
+        assert (parts["input_distance"] > 0.1) == (weight == 100.0)
+        expected = parts["prediction_ce"] + parts["feature_distance"] + weight * parts["input_distance"]
+        torch.testing.assert_close(parts["loss"], expected)
+    same = pretrain_loss(victim, Shift(0.0), images, input_bound=0.1)
+    probabilities = victim(images).softmax(dim=1)  # the identity keeps the prediction: CE is its entropy
+    torch.testing.assert_close(same["prediction_ce"], -(probabilities * probabilities.log()).sum(1).mean())
+    assert same["feature_distance"] == 0 and same["input_distance"] == 0
 
 
 def test_mask_stays_in_the_open_unit_interval_and_its_loss_decreases():
@@ -155,6 +186,42 @@ def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense
     torch.testing.assert_close(deployed(images), module.eval()(images), atol=1e-5, rtol=1e-4)
 
 
+class AtValidation(Callback):
+    """Records, at each validation after training started, the epoch and whether the purifier
+    equals G and G's optimizer has no state."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        model = pl_module.model
+        same = all(
+            torch.equal(a, b)
+            for a, b in zip(model.purifier.state_dict().values(), model.generator.state_dict().values())
+        )
+        self.seen.append((trainer.current_epoch, same, len(pl_module.optimizers()[1].optimizer.state)))
+
+
+def test_pretraining_starts_the_purifier_and_g_from_one_plain_unet_and_validates_after_it(tmp_path):
+    victim = victim_file(tmp_path)
+    settings = {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1, **TINY_UNET}
+    module = BTIDBFPurification(victim, pretrain_epochs=2, **settings)
+    assert not module.model.generator.residual and not module.model.purifier.residual
+    purifier_before = [p.clone() for p in module.model.purifier.parameters()]
+    record = AtValidation()
+    trainer = tiny_trainer(tmp_path, callbacks=[record])
+    trainer.fit(module, data(victim))
+    assert trainer.current_epoch == 6  # 2 pretraining epochs + 1 + 1 + 1 (vote) + 1
+    # after the pretraining (epoch 1): the purifier is the pretrained G, whose Adam starts afresh;
+    # after the round (epoch 5): both have trained on from there
+    assert record.seen == [(1, True, 0), (5, False, record.seen[1][2])] and record.seen[1][2] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(purifier_before, module.model.purifier.parameters()))
+    assert set(module.phase_seconds) == {"pretrain", "mask", "generator", "detect", "defense"}
+    assert "val/ba" in trainer.callback_metrics
+
+
 def test_unlearning_changes_only_the_copy_and_writes_a_repaired_victim_file(tmp_path):
     victim = victim_file(tmp_path)
     module = BTIDBFUnlearning(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)
@@ -206,7 +273,6 @@ def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_pat
     # validation runs once a round (epochs 5 and 11), and last.ckpt is written every epoch regardless
     trainer = tiny_trainer(tmp_path, enable_checkpointing=True, callbacks=[StopAfter(7)])
     trainer.fit(first, data(victim))
-    assert trainer.check_val_every_n_epoch == 6
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["btidbf"]["round"] == 1 and saved["btidbf"]["phase"] == "generator"
     assert saved["btidbf"]["epoch_in_phase"] == 0

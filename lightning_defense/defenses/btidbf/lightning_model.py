@@ -32,8 +32,8 @@ from lightning_defense.defenses.transform_net import TransformNet
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
 
-OPTIMIZER_BY_PHASE = {"mask": 0, "generator": 1, "defense": 2}
-PHASE_INDEX = {"mask": 0, "generator": 1, "detect": 2, "defense": 3}  # train/phase in the logs
+OPTIMIZER_BY_PHASE = {"pretrain": 1, "mask": 0, "generator": 1, "defense": 2}
+PHASE_INDEX = {"pretrain": -1, "mask": 0, "generator": 1, "detect": 2, "defense": 3}  # train/phase in the logs
 
 
 class BTIDBF(DefenseModule):
@@ -41,12 +41,14 @@ class BTIDBF(DefenseModule):
     defense step: :class:`BTIDBFPurification` (P) or :class:`BTIDBFUnlearning` (U).
 
     The run is ``rounds`` rounds of: ``mask_epochs`` epochs of the feature mask, ``generator_epochs``
-    of the backdoor generator, one epoch of votes on G(x), ``defense_epochs`` of the defense. Round
+    of the backdoor generator, one epoch of votes on G(x), ``defense_epochs`` of the defense, after
+    ``pretrain_epochs`` of pretraining the UNet (:func:`~.torch_model.pretrain_loss`). Round
     1's vote detects the target class; later rounds push G toward it, so their votes only report
     the share of G(x) that lands there (``train/generated_on_target``). The schedule sets
-    ``trainer.max_epochs`` and validates at the end of every round (``check_val_every_n_epoch``).
+    ``trainer.max_epochs`` and validates after the pretraining and at the end of every round.
     Each part has its own Adam optimizer (manual optimization); the epoch decides the phase
-    (``train/round``, ``train/phase``: 0 mask, 1 generator, 2 vote, 3 defense), and ``last.ckpt``
+    (``train/round``, 0 while pretraining; ``train/phase``: -1 pretraining, 0 mask, 1 generator,
+    2 vote, 3 defense), and ``last.ckpt``
     (every ``checkpoint_every_n_epochs``) holds every part, every optimizer, the votes and the
     detected target, so a run resumes mid-phase and mid-round; resuming with another schedule is
     refused. Under DDP the parts idle in a phase have no gradient: use
@@ -69,8 +71,15 @@ class BTIDBF(DefenseModule):
         replay_generators: not in the paper (off by default): from round 2, step 3 also trains on
             the earlier rounds' generators (a frozen copy of G is kept at the end of each round,
             saved in the checkpoint), so the defense cannot forget a trigger an earlier round found.
+        pretrain_epochs: epochs of pretraining before round 1 (official: 50; 0, the default: none).
+            With pretraining, G and the purifier are plain UNets that both start from the
+            pretrained one, as in the official code: a loose, feature-keeping reconstruction of x
+            that already drops part of a blended trigger. Without, G is a residual UNet near the
+            identity and the purifier starts exactly at it, so it passes on whatever it was not
+            trained to remove (why (P) fails on Blended without pretraining: benchmarks/README.md).
+        pretrain_input_bound: see :class:`~.torch_model.TriggerInversion` (official: 0.1).
         encoder_name, encoder_depth, decoder_channels: the UNet of the generator (and purifier),
-            a residual :class:`TransformNet` that starts as the identity.
+            a :class:`TransformNet`.
         checkpoint_every_n_epochs: how often at most ``last.ckpt`` is written (every n epochs, n the
             largest divisor of the run's length up to this, so that the final epoch is saved; BTI-DBF's epochs are short
             and its checkpoints hold two UNets with their optimizer states: each save takes about
@@ -93,6 +102,8 @@ class BTIDBF(DefenseModule):
         vote_noise: float = 0.03,
         poison_fraction: float = 0.1,
         replay_generators: bool = False,
+        pretrain_epochs: int = 0,
+        pretrain_input_bound: float = 0.1,
         encoder_name: str = "resnet18",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
@@ -102,7 +113,7 @@ class BTIDBF(DefenseModule):
         super().__init__(victim_model.num_classes)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.schedule = RoundSchedule(rounds, mask_epochs, generator_epochs, defense_epochs)
+        self.schedule = RoundSchedule(rounds, mask_epochs, generator_epochs, defense_epochs, pretrain_epochs)
         trigger_settings = {
             "input_bound": input_bound,
             "feature_bound": feature_bound,
@@ -110,6 +121,7 @@ class BTIDBF(DefenseModule):
             "vote_noise": vote_noise,
             "poison_fraction": poison_fraction,
             "replay_generators": replay_generators,
+            "pretrain_input_bound": pretrain_input_bound,
         }
         self.model = self.build(victim_model, TransformNet(**self.generator_config()), trigger_settings)
         # not a buffer: DDP broadcasts buffers from rank 0 before every step, which would overwrite
@@ -131,16 +143,18 @@ class BTIDBF(DefenseModule):
         raise NotImplementedError
 
     def generator_config(self, identity_init: bool = False) -> dict[str, Any]:
-        """The UNet's settings. The generator starts near the identity, not at it: its loss has no
-        gradient at the identity, and the input-distance bound pulls a random start inside first
-        (the official code pretrains it toward the identity instead). The purifier starts at it."""
+        """The UNet's settings. Without pretraining it is residual: the generator starts near the
+        identity, not at it (its loss has no gradient at the identity, and the input-distance bound
+        pulls a random start inside first), the purifier (``identity_init``) at it. With
+        pretraining both are plain UNets that take the pretrained weights."""
         hp = self.hparams
+        residual = hp.pretrain_epochs == 0
         return {
             "encoder_name": hp.encoder_name,
             "encoder_depth": hp.encoder_depth,
             "decoder_channels": list(hp.decoder_channels),
-            "residual": True,
-            "identity_init": identity_init,
+            "residual": residual,
+            "identity_init": identity_init and residual,
         }
 
     @property
@@ -163,8 +177,13 @@ class BTIDBF(DefenseModule):
                 f"so max_epochs = {self.schedule.total_epochs} (was {self.trainer.max_epochs})."
             )
             self.trainer.fit_loop.max_epochs = self.schedule.total_epochs
-        # validate at the end of every round, whatever the phases' lengths
-        self.trainer.check_val_every_n_epoch = self.schedule.round_epochs
+        self._validate_after_block(0)
+
+    def _validate_after_block(self, epoch: int) -> None:
+        # Lightning validates after epoch e when (e + 1) % check_val_every_n_epoch == 0; set per
+        # epoch so that it happens after the pretraining and every round, whatever their lengths
+        ends = self.schedule.ends_block(epoch)
+        self.trainer.check_val_every_n_epoch = epoch + 1 if ends else self.schedule.total_epochs + 1
 
     def configure_callbacks(self) -> list[Callback]:
         """``last.ckpt`` every few training epochs (the CLI's default checkpoint is replaced), so an
@@ -188,7 +207,9 @@ class BTIDBF(DefenseModule):
     def on_train_epoch_start(self) -> None:
         phase = self.phase
         self.epoch_start = time.monotonic()
-        if phase.first_epoch:
+        if phase.first_epoch and phase.name == "pretrain":
+            rank_zero_info(f"BTI-DBF: pretraining the UNet ({phase.epochs} epochs)")
+        elif phase.first_epoch:
             rank_zero_info(
                 f"BTI-DBF round {phase.round + 1}/{self.schedule.rounds}: {phase.name} ({phase.epochs} epochs)"
             )
@@ -206,8 +227,10 @@ class BTIDBF(DefenseModule):
         # here rather than at the epoch's start, which a run resumed mid-epoch skips: only the part
         # being trained gets gradients and train mode (BatchNorm statistics); the victim never does
         name = self.phase.name
+        self._validate_after_block(self.current_epoch)
+        trains_generator = name in ("pretrain", "generator")
         self.model.feature_mask.requires_grad_(name == "mask")
-        self.model.generator.requires_grad_(name == "generator").train(name == "generator")
+        self.model.generator.requires_grad_(trains_generator).train(trains_generator)
         self.defense_part().train(name == "defense")
         for parameter in self.defense_parameters():
             parameter.requires_grad_(name == "defense")
@@ -221,7 +244,9 @@ class BTIDBF(DefenseModule):
         if phase.name == "detect":
             self.target_votes += self.model.target_votes(images).cpu()
             return
-        if phase.name == "mask":
+        if phase.name == "pretrain":
+            losses = self.model.pretrain_loss(images)
+        elif phase.name == "mask":
             losses = self.model.mask_loss(images, labels)
         elif phase.name == "generator":
             losses = self.model.generator_loss(images, phase.round)
@@ -234,6 +259,14 @@ class BTIDBF(DefenseModule):
         self.log_dict({f"train/{phase.name}_{k}": v for k, v in losses.items()}, on_step=False, on_epoch=True)
         self.log("train/round", float(phase.round + 1), on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/phase", float(PHASE_INDEX[phase.name]), on_step=False, on_epoch=True)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        phase = self.phase
+        # after the last pretraining step, not at the epoch's end: validation comes before that
+        # and must see the parts that start from the pretrained UNet
+        if phase.name == "pretrain" and phase.last_epoch and batch_idx + 1 >= self.trainer.num_training_batches:
+            self.model.end_pretraining()
+            self.optimizers()[OPTIMIZER_BY_PHASE["generator"]].optimizer.state.clear()  # G's own Adam (official)
 
     def on_train_epoch_end(self) -> None:
         phase = self.phase

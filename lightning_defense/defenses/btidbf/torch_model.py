@@ -40,12 +40,13 @@ from lightning_defense.defenses.transform_net import TransformNet
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims.classifier import Classifier
 
-PhaseName = Literal["mask", "generator", "detect", "defense"]
+PhaseName = Literal["pretrain", "mask", "generator", "detect", "defense"]
 
 
 @dataclass(frozen=True)
 class Phase:
-    """Where an epoch falls in the schedule: its round, its phase, and its epoch within the phase."""
+    """Where an epoch falls in the schedule: its round (-1 for the pretraining before round 1), its
+    phase, and its epoch within the phase."""
 
     round: int
     name: PhaseName
@@ -63,15 +64,21 @@ class Phase:
 
 class RoundSchedule:
     """The epochs of BTI-DBF's rounds: mask, backdoor generator, one epoch of target detection,
-    then the defense (purifier or unlearning); the phase of any epoch follows from its number,
-    so an interrupted run resumes in the right phase and round."""
+    then the defense (purifier or unlearning), after ``pretrain_epochs`` of pretraining the UNet
+    (none by default); the phase of any epoch follows from its number, so an interrupted run
+    resumes in the right phase and round."""
 
-    def __init__(self, rounds: int, mask_epochs: int, generator_epochs: int, defense_epochs: int) -> None:
+    def __init__(
+        self, rounds: int, mask_epochs: int, generator_epochs: int, defense_epochs: int, pretrain_epochs: int = 0
+    ) -> None:
         counts = {"rounds": rounds, "mask_epochs": mask_epochs, "generator_epochs": generator_epochs}
         for name, value in {**counts, "defense_epochs": defense_epochs}.items():
             if value < 1:
                 raise ConfigurationError(f"BTI-DBF's {name} must be >= 1, got {value}.")
+        if pretrain_epochs < 0:
+            raise ConfigurationError(f"BTI-DBF's pretrain_epochs must be >= 0, got {pretrain_epochs}.")
         self.rounds = rounds
+        self.pretrain_epochs = pretrain_epochs
         self.phases: tuple[tuple[PhaseName, int], ...] = (
             ("mask", mask_epochs),
             ("generator", generator_epochs),
@@ -79,10 +86,12 @@ class RoundSchedule:
             ("defense", defense_epochs),
         )
         self.round_epochs = sum(epochs for _, epochs in self.phases)
-        self.total_epochs = rounds * self.round_epochs
+        self.total_epochs = pretrain_epochs + rounds * self.round_epochs
 
     def at(self, epoch: int) -> Phase:
-        round_index, rest = divmod(epoch, self.round_epochs)
+        if 0 <= epoch < self.pretrain_epochs:
+            return Phase(-1, "pretrain", epoch, self.pretrain_epochs)
+        round_index, rest = divmod(epoch - self.pretrain_epochs, self.round_epochs)
         if round_index >= self.rounds:
             raise ConfigurationError(f"Epoch {epoch} is past BTI-DBF's {self.total_epochs} epochs.")
         for name, epochs in self.phases:
@@ -90,6 +99,12 @@ class RoundSchedule:
                 return Phase(round_index, name, rest, epochs)
             rest -= epochs
         raise AssertionError("unreachable")
+
+    def ends_block(self, epoch: int) -> bool:
+        """Whether ``epoch`` is the last of the pretraining or of a round: validation follows it."""
+        if epoch < self.pretrain_epochs:
+            return epoch == self.pretrain_epochs - 1
+        return (epoch - self.pretrain_epochs + 1) % self.round_epochs == 0
 
 
 class FeatureMask(nn.Module):
@@ -135,6 +150,28 @@ SplitModel = Classifier | Purified
 def input_distance(model: SplitModel, images: Tensor, other: Tensor) -> Tensor:
     """Mean squared distance in the victim's normalized input space."""
     return F.mse_loss(model.normalize(other).float(), model.normalize(images).float())
+
+
+def pretrain_loss(model: SplitModel, network: TransformNet, images: Tensor, input_bound: float) -> dict[str, Tensor]:
+    """The official code's start for G and the purifier: a plain UNet N trained to reproduce x
+    loosely while keeping what the victim sees: CE(f(N(x)), softmax f(x)) + ‖S_a(x) − S_a(N(x))‖²
+    + w·‖x − N(x)‖², w = 100 beyond ``input_bound`` (pulls a far output back) and 0.01 within it
+    (leaves N free to drop what the victim's prediction does not need, a blended trigger among it).
+    The official prediction term is the cross-entropy between the two softmaxes, with the clean
+    one as logits; ours is the soft-label cross-entropy toward f(x), the same intent."""
+    reconstructed = network(images)
+    with torch.no_grad():
+        clean_features = model.features(images).float()
+        clean_probabilities = model.head(clean_features).float().softmax(dim=1)
+    features = model.features(reconstructed)
+    parts = {
+        "prediction_ce": F.cross_entropy(model.head(features).float(), clean_probabilities),
+        "feature_distance": F.mse_loss(features.float(), clean_features),
+        "input_distance": input_distance(model, images, reconstructed),
+    }
+    input_weight = torch.where(parts["input_distance"] > input_bound, 100.0, 0.01)  # no host sync
+    loss = parts["prediction_ce"] + parts["feature_distance"] + input_weight * parts["input_distance"]
+    return {"loss": loss, **parts}
 
 
 def decoupling_loss(model: SplitModel, mask: FeatureMask, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -188,9 +225,9 @@ class TriggerInversion(nn.Module):
 
     Args:
         victim: the frozen classifier f.
-        generator: G, a residual :class:`TransformNet` with a random last layer: it starts near the
-            identity (at it, its loss would have no gradient), and the input bound pulls it inside,
-            in place of the official code's pretraining of G toward the identity.
+        generator: G, a :class:`TransformNet`: residual with a random last layer, it starts near
+            the identity (at it, its loss would have no gradient) and the input bound pulls it
+            inside; plain, it is pretrained first (:meth:`pretrain_loss`), as the official code does.
         input_bound, feature_bound: the bounds of :func:`generator_loss` (official: 0.3 and 3).
         benign_weight: weight of the benign-feature distance in G's loss (official: 0.01).
         vote_noise: standard deviation of the noise added to x before the target vote, in the
@@ -199,6 +236,8 @@ class TriggerInversion(nn.Module):
         image_size: of the victim's inputs, which sets the shape of the feature mask.
         replay_generators: step 3 draws each image's generator from this round's G and frozen
             copies of the earlier rounds' (:meth:`remember_generator`), not from G alone.
+        pretrain_input_bound: the input distance beyond which pretraining pulls the UNet back
+            hard (official: 0.1).
     """
 
     def __init__(
@@ -212,6 +251,7 @@ class TriggerInversion(nn.Module):
         poison_fraction: float = 0.1,
         image_size: tuple[int, int] = (32, 32),
         replay_generators: bool = False,
+        pretrain_input_bound: float = 0.1,
     ) -> None:
         super().__init__()
         if not 0 < poison_fraction <= 1:
@@ -226,6 +266,7 @@ class TriggerInversion(nn.Module):
         self.vote_noise = vote_noise
         self.poison_fraction = poison_fraction
         self.replay_generators = replay_generators
+        self.pretrain_input_bound = pretrain_input_bound
         self.earlier_generators = nn.ModuleList()
         # -1 until the first detection; a buffer, so it is saved and restored with the weights
         self.register_buffer("detected_target", torch.tensor(-1))
@@ -240,6 +281,13 @@ class TriggerInversion(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.defended()(images)
+
+    def pretrain_loss(self, images: Tensor) -> dict[str, Tensor]:
+        """Pretraining G against the victim itself (no defense exists yet)."""
+        return pretrain_loss(self.victim, self.generator, images, self.pretrain_input_bound)
+
+    def end_pretraining(self) -> None:
+        """After pretraining: parts that start from the pretrained G take its weights."""
 
     def mask_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         return decoupling_loss(self.defended(), self.feature_mask, images, labels)
@@ -316,6 +364,9 @@ class Purification(TriggerInversion):
 
     def defended(self) -> Purified:
         return Purified(self.victim, self.purifier)  # a view, built per call: no second copy in the state dict
+
+    def end_pretraining(self) -> None:
+        self.purifier.load_state_dict(self.generator.state_dict())  # both start there (official)
 
     def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         generated = self.generate(images)
