@@ -299,6 +299,25 @@ def test_a_run_resumes_mid_phase_and_mid_round_with_its_optimizer_states(tmp_pat
         tiny_trainer(tmp_path).fit(other, data(victim), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
 
 
+def test_the_official_purifier_loss_trains_on_the_benign_batch_alone_with_noise_and_a_hard_bound():
+    from lightning_defense.defenses.btidbf.torch_model import Purification
+
+    victim = toy_victim()
+    images, labels = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    paper = Purification(victim, Shift(0.0), Shift(0.0)).defense_loss(images, labels)
+    assert {"poisoned_ce", "benign_ce"} <= set(paper)  # the paper's two terms
+    assert paper["benign_input_distance"] == 0  # identity G and purifier, no noise
+    for shift, weight in ((0.5, 100.0), (0.01, 1.0)):
+        official = Purification(victim, Shift(0.0), Shift(shift), generated_batch=False, input_bound_purifier=0.05)
+        parts = official.defense_loss(images, labels)
+        assert not any(key.startswith("poisoned") for key in parts)
+        expected = parts["benign_ce"] + parts["benign_feature_distance"] + weight * parts["benign_input_distance"]
+        torch.testing.assert_close(parts["loss"], expected)
+    noisy = Purification(victim, Shift(0.0), Shift(0.0), generated_batch=False, purifier_noise=0.03)
+    distance = noisy.defense_loss(images, labels)["benign_input_distance"]
+    assert 5e-4 < distance < 1.2e-3  # 0.03 of the normalized scale, squared, a little less where clamped
+
+
 def test_replay_draws_each_image_from_the_earlier_generators_or_the_current_one():
     from lightning_defense.defenses.btidbf.torch_model import Purification
 

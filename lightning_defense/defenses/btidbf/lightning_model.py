@@ -408,18 +408,33 @@ class BTIDBFPurification(BTIDBF):
     victim, with the identity label permutation).
 
     Args:
-        input_weight: weight of the purifier's input distance ‖x − Ĝ(·)‖² (see
-            :class:`~.torch_model.Purification`).
+        input_weight, generated_batch, purifier_noise, input_bound_purifier: step 3's loss, see
+            :class:`~.torch_model.Purification`; the defaults follow the paper's two-term loss,
+            ``configs/btidbf/official_purifier.yaml`` the official code's.
         defense_lr: the purifier's Adam learning rate (official: 1e-3).
     """
 
-    def __init__(self, victim: str, input_weight: float = 1.0, defense_lr: float = 1e-3, **kwargs: Any) -> None:
-        self._input_weight = input_weight
+    def __init__(
+        self,
+        victim: str,
+        input_weight: float = 1.0,
+        generated_batch: bool = True,
+        purifier_noise: float = 0.0,
+        input_bound_purifier: float | None = None,
+        defense_lr: float = 1e-3,
+        **kwargs: Any,
+    ) -> None:
+        self._purifier_settings = {
+            "input_weight": input_weight,
+            "generated_batch": generated_batch,
+            "purifier_noise": purifier_noise,
+            "input_bound_purifier": input_bound_purifier,
+        }
         super().__init__(victim, defense_lr=defense_lr, **kwargs)
 
     def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> Purification:
         purifier = TransformNet(**self.generator_config(identity_init=True))
-        return Purification(victim, generator, purifier, input_weight=self._input_weight, **settings)
+        return Purification(victim, generator, purifier, **self._purifier_settings, **settings)
 
     def defense_part(self) -> torch.nn.Module:
         return self.model.purifier

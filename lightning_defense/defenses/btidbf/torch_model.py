@@ -30,7 +30,7 @@ import copy
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -351,16 +351,36 @@ class Purification(TriggerInversion):
     """BTI-DBF (P): step 3 trains a purifier Ĝ; the defended model is f(Ĝ(x)).
 
     Its loss is, for the generated batch G(x) and for the benign batch (``poison_fraction`` of it
-    replaced by G(x)): CE(f(Ĝ(·)), y) + ‖S_a(x) − S_a(Ĝ(·))‖² + ``input_weight``·‖x − Ĝ(·)‖²
-    (mean squared errors, input distance in the victim's normalized space).
+    replaced by G(x)): CE(f(Ĝ(·)), y) + ‖S_a(x) − S_a(Ĝ(·))‖² + w·‖x − Ĝ(·)‖² (mean squared
+    errors, input distance in the victim's normalized space), w = ``input_weight``, or 100 where
+    the distance exceeds ``input_bound_purifier``.
+
+    Args:
+        generated_batch: train on the all-G(x) batch too (the paper's two terms); the official
+            code trains on the benign batch alone.
+        purifier_noise: standard deviation of Gaussian noise added to Ĝ's inputs in step 3, in
+            the victim's normalized space (official: 0.03; clamped to [0, 1], contract 1).
+        input_bound_purifier: beyond it the input distance weighs 100 (official: 0.05); ``None``:
+            no bound.
     """
 
     def __init__(
-        self, victim: Classifier, generator: TransformNet, purifier: TransformNet, input_weight: float = 1.0, **kwargs
+        self,
+        victim: Classifier,
+        generator: TransformNet,
+        purifier: TransformNet,
+        input_weight: float = 1.0,
+        generated_batch: bool = True,
+        purifier_noise: float = 0.0,
+        input_bound_purifier: float | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(victim, generator, **kwargs)
         self.purifier = purifier
         self.input_weight = input_weight
+        self.generated_batch = generated_batch
+        self.purifier_noise = purifier_noise
+        self.input_bound_purifier = input_bound_purifier
 
     def defended(self) -> Purified:
         return Purified(self.victim, self.purifier)  # a view, built per call: no second copy in the state dict
@@ -369,23 +389,27 @@ class Purification(TriggerInversion):
         self.purifier.load_state_dict(self.generator.state_dict())  # both start there (official)
 
     def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        generated = self.generate(images)
         with torch.no_grad():
             clean_features = self.victim.features(images).float()
-        mixed = self.mixed(images, generated)
-        parts = {}
-        for name, inputs in (("poisoned", generated), ("benign", mixed)):
+        if self.generated_batch:
+            generated = self.generate(images)
+            batches = {"poisoned": generated, "benign": self.mixed(images, generated)}
+        else:
+            batches = {"benign": self.mixed(images)}
+        parts, loss = {}, 0.0
+        for name, inputs in batches.items():
+            if self.purifier_noise:
+                std = self.victim.std.to(inputs.device)
+                inputs = (inputs + self.purifier_noise * std * torch.randn_like(inputs)).clamp(0, 1)
             purified = self.purifier(inputs)
             features = self.victim.features(purified)
             parts[f"{name}_ce"] = F.cross_entropy(self.victim.head(features).float(), labels)
             parts[f"{name}_feature_distance"] = F.mse_loss(features.float(), clean_features)
-            parts[f"{name}_input_distance"] = input_distance(self.victim, images, purified)
-        loss = sum(
-            parts[f"{name}_ce"]
-            + parts[f"{name}_feature_distance"]
-            + self.input_weight * parts[f"{name}_input_distance"]
-            for name in ("poisoned", "benign")
-        )
+            parts[f"{name}_input_distance"] = distance = input_distance(self.victim, images, purified)
+            weight = self.input_weight
+            if self.input_bound_purifier is not None:  # a tensor condition: no host sync per step
+                weight = torch.where(distance > self.input_bound_purifier, 100.0, self.input_weight)
+            loss = loss + parts[f"{name}_ce"] + parts[f"{name}_feature_distance"] + weight * distance
         return {"loss": loss, **parts}
 
 
