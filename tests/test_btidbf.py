@@ -222,6 +222,30 @@ def test_pretraining_starts_the_purifier_and_g_from_one_plain_unet_and_validates
     assert "val/ba" in trainer.callback_metrics
 
 
+def test_pretraining_the_purifier_alone_leaves_g_residual_and_untouched(tmp_path):
+    victim = victim_file(tmp_path)
+    settings = {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1, **TINY_UNET}
+    module = BTIDBFPurification(victim, pretrain_epochs=1, pretrain_generator=False, **settings)
+    assert module.model.generator.residual and not module.model.purifier.residual
+    generator_before = [p.clone() for p in module.model.generator.parameters()]
+    purifier_before = [p.clone() for p in module.model.purifier.parameters()]
+    seen = []
+
+    class AfterPretraining(Callback):
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if trainer.sanity_checking or trainer.current_epoch != 0:
+                return
+            model = pl_module.model
+            untouched = all(torch.equal(a, b) for a, b in zip(generator_before, model.generator.parameters()))
+            trained = any(not torch.equal(a, b) for a, b in zip(purifier_before, model.purifier.parameters()))
+            seen.append((untouched, trained, len(pl_module.optimizers()[2].optimizer.state)))
+
+    tiny_trainer(tmp_path, callbacks=[AfterPretraining()]).fit(module, data(victim))
+    assert seen == [(True, True, 0)]  # the purifier's Adam starts afresh for step 3
+    with pytest.raises(ValueError, match="no UNet but G to pretrain"):
+        BTIDBFUnlearning(victim, pretrain_epochs=1, pretrain_generator=False, **settings)
+
+
 def test_unlearning_changes_only_the_copy_and_writes_a_repaired_victim_file(tmp_path):
     victim = victim_file(tmp_path)
     module = BTIDBFUnlearning(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)

@@ -78,6 +78,11 @@ class BTIDBF(DefenseModule):
             identity and the purifier starts exactly at it, so it passes on whatever it was not
             trained to remove (why (P) fails on Blended without pretraining: benchmarks/README.md).
         pretrain_input_bound: see :class:`~.torch_model.TriggerInversion` (official: 0.1).
+        pretrain_generator: with pretraining, G starts from the pretrained UNet too (official). Off
+            (not in the official code; (P) only): only the purifier is pretrained and starts there,
+            G stays the residual UNet near the identity, which keeps G(x) close to x: a plain,
+            pretrained G is free to draw a whole image of one class, and the round-1 vote then
+            finds that class instead of the backdoor's (Blended, benchmarks/README.md).
         encoder_name, encoder_depth, decoder_channels: the UNet of the generator (and purifier),
             a :class:`TransformNet`.
         checkpoint_every_n_epochs: how often at most ``last.ckpt`` is written (every n epochs, n the
@@ -104,6 +109,7 @@ class BTIDBF(DefenseModule):
         replay_generators: bool = False,
         pretrain_epochs: int = 0,
         pretrain_input_bound: float = 0.1,
+        pretrain_generator: bool = True,
         encoder_name: str = "resnet18",
         encoder_depth: int = 4,
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
@@ -122,8 +128,11 @@ class BTIDBF(DefenseModule):
             "poison_fraction": poison_fraction,
             "replay_generators": replay_generators,
             "pretrain_input_bound": pretrain_input_bound,
+            "pretrain_generator": pretrain_generator,
         }
         self.model = self.build(victim_model, TransformNet(**self.generator_config()), trigger_settings)
+        if pretrain_epochs:
+            self.model.pretrained_network()  # fails now, naming the fix, when there is nothing to pretrain
         # not a buffer: DDP broadcasts buffers from rank 0 before every step, which would overwrite
         # the other ranks' counts; it travels in the checkpoint through on_save_checkpoint instead
         self.target_votes = torch.zeros(victim_model.num_classes, dtype=torch.long)
@@ -142,13 +151,14 @@ class BTIDBF(DefenseModule):
         """The plain-torch model of the variant."""
         raise NotImplementedError
 
-    def generator_config(self, identity_init: bool = False) -> dict[str, Any]:
-        """The UNet's settings. Without pretraining it is residual: the generator starts near the
-        identity, not at it (its loss has no gradient at the identity, and the input-distance bound
-        pulls a random start inside first), the purifier (``identity_init``) at it. With
-        pretraining both are plain UNets that take the pretrained weights."""
+    def generator_config(self, identity_init: bool = False, purifier: bool = False) -> dict[str, Any]:
+        """The settings of G's UNet (or with ``purifier`` the purifier's). Not pretrained, it is
+        residual: G starts near the identity, not at it (its loss has no gradient at the identity,
+        and the input-distance bound pulls a random start inside first), the purifier
+        (``identity_init``) at it. Pretrained, it is a plain UNet that takes the pretrained weights."""
         hp = self.hparams
-        residual = hp.pretrain_epochs == 0
+        pretrained = hp.pretrain_epochs > 0 and (purifier or hp.pretrain_generator)
+        residual = not pretrained
         return {
             "encoder_name": hp.encoder_name,
             "encoder_depth": hp.encoder_depth,
@@ -228,12 +238,14 @@ class BTIDBF(DefenseModule):
         # being trained gets gradients and train mode (BatchNorm statistics); the victim never does
         name = self.phase.name
         self._validate_after_block(self.current_epoch)
-        trains_generator = name in ("pretrain", "generator")
+        pretrains_generator = self.hparams.pretrain_generator
+        trains_generator = name == "generator" or (name == "pretrain" and pretrains_generator)
+        trains_defense = name == "defense" or (name == "pretrain" and not pretrains_generator)
         self.model.feature_mask.requires_grad_(name == "mask")
         self.model.generator.requires_grad_(trains_generator).train(trains_generator)
-        self.defense_part().train(name == "defense")
+        self.defense_part().train(trains_defense)
         for parameter in self.defense_parameters():
-            parameter.requires_grad_(name == "defense")
+            parameter.requires_grad_(trains_defense)
 
     def defense_part(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -252,7 +264,7 @@ class BTIDBF(DefenseModule):
             losses = self.model.generator_loss(images, phase.round)
         else:
             losses = self.model.defense_loss(images, labels)
-        optimizer = self.optimizers()[OPTIMIZER_BY_PHASE[phase.name]]
+        optimizer = self.optimizers()[self._optimizer_index(phase.name)]
         optimizer.zero_grad()
         self.manual_backward(losses["loss"])
         optimizer.step()
@@ -266,7 +278,12 @@ class BTIDBF(DefenseModule):
         # and must see the parts that start from the pretrained UNet
         if phase.name == "pretrain" and phase.last_epoch and batch_idx + 1 >= self.trainer.num_training_batches:
             self.model.end_pretraining()
-            self.optimizers()[OPTIMIZER_BY_PHASE["generator"]].optimizer.state.clear()  # G's own Adam (official)
+            self.optimizers()[self._optimizer_index("pretrain")].optimizer.state.clear()  # a fresh Adam (official)
+
+    def _optimizer_index(self, phase: str) -> int:
+        if phase == "pretrain" and not self.hparams.pretrain_generator:
+            return OPTIMIZER_BY_PHASE["defense"]
+        return OPTIMIZER_BY_PHASE[phase]
 
     def on_train_epoch_end(self) -> None:
         phase = self.phase
@@ -433,7 +450,7 @@ class BTIDBFPurification(BTIDBF):
         super().__init__(victim, defense_lr=defense_lr, **kwargs)
 
     def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> Purification:
-        purifier = TransformNet(**self.generator_config(identity_init=True))
+        purifier = TransformNet(**self.generator_config(identity_init=True, purifier=True))
         return Purification(victim, generator, purifier, **self._purifier_settings, **settings)
 
     def defense_part(self) -> torch.nn.Module:
@@ -450,7 +467,10 @@ class BTIDBFPurification(BTIDBF):
     def export(self, folder: Path) -> Path:
         pipeline = Refine(self.victim, self.model.purifier, LabelPermutation(self.victim.num_classes, enabled=False))
         return save_defended(
-            folder / "defended.safetensors", pipeline, self.hparams.victim, self.generator_config(identity_init=True)
+            folder / "defended.safetensors",
+            pipeline,
+            self.hparams.victim,
+            self.generator_config(identity_init=True, purifier=True),
         )
 
 

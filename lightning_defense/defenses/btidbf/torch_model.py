@@ -238,6 +238,8 @@ class TriggerInversion(nn.Module):
             copies of the earlier rounds' (:meth:`remember_generator`), not from G alone.
         pretrain_input_bound: the input distance beyond which pretraining pulls the UNet back
             hard (official: 0.1).
+        pretrain_generator: pretraining trains G (official); off, it trains the defense's own UNet
+            (the purifier of (P)) and G stays residual.
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class TriggerInversion(nn.Module):
         image_size: tuple[int, int] = (32, 32),
         replay_generators: bool = False,
         pretrain_input_bound: float = 0.1,
+        pretrain_generator: bool = True,
     ) -> None:
         super().__init__()
         if not 0 < poison_fraction <= 1:
@@ -267,6 +270,7 @@ class TriggerInversion(nn.Module):
         self.poison_fraction = poison_fraction
         self.replay_generators = replay_generators
         self.pretrain_input_bound = pretrain_input_bound
+        self.pretrain_generator = pretrain_generator
         self.earlier_generators = nn.ModuleList()
         # -1 until the first detection; a buffer, so it is saved and restored with the weights
         self.register_buffer("detected_target", torch.tensor(-1))
@@ -282,9 +286,18 @@ class TriggerInversion(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         return self.defended()(images)
 
+    def pretrained_network(self) -> nn.Module:
+        """The UNet pretraining trains: G, or without ``pretrain_generator`` the defense's own."""
+        if self.pretrain_generator:
+            return self.generator
+        raise ConfigurationError(
+            f"{type(self).__name__} has no UNet but G to pretrain: set pretrain_generator to true, or "
+            "pretrain_epochs to 0."
+        )
+
     def pretrain_loss(self, images: Tensor) -> dict[str, Tensor]:
-        """Pretraining G against the victim itself (no defense exists yet)."""
-        return pretrain_loss(self.victim, self.generator, images, self.pretrain_input_bound)
+        """Pretraining against the victim itself (no defense exists yet)."""
+        return pretrain_loss(self.victim, self.pretrained_network(), images, self.pretrain_input_bound)
 
     def end_pretraining(self) -> None:
         """After pretraining: parts that start from the pretrained G take its weights."""
@@ -385,8 +398,12 @@ class Purification(TriggerInversion):
     def defended(self) -> Purified:
         return Purified(self.victim, self.purifier)  # a view, built per call: no second copy in the state dict
 
+    def pretrained_network(self) -> nn.Module:
+        return self.generator if self.pretrain_generator else self.purifier
+
     def end_pretraining(self) -> None:
-        self.purifier.load_state_dict(self.generator.state_dict())  # both start there (official)
+        if self.pretrain_generator:
+            self.purifier.load_state_dict(self.generator.state_dict())  # both start there (official)
 
     def defense_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
