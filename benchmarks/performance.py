@@ -194,7 +194,7 @@ def measure(args: argparse.Namespace) -> dict:
         model = s.module(BTIDBFPurification(**btidbf_args).model).train()
         labels = torch.randint(0, 10, (n,), device=device)
         part, loss = {
-            "mask": (model.feature_mask, lambda x: model.mask_loss(x, labels)["loss"]),
+            "mask": (model.feature_mask, lambda x: model.mask_loss(x, labels, 0)["loss"]),
             "generator": (model.generator, lambda x: model.generator_loss(x, 0)["loss"]),
             "purifier": (model.purifier, lambda x: model.defense_loss(x, labels)["loss"]),
         }[phase]

@@ -342,6 +342,22 @@ def test_the_official_purifier_loss_trains_on_the_benign_batch_alone_with_noise_
     assert 5e-4 < distance < 1.2e-3  # 0.03 of the normalized scale, squared, a little less where clamped
 
 
+def test_round_one_works_on_the_victim_and_later_rounds_on_the_defended_model():
+    from lightning_defense.defenses.btidbf.torch_model import Purification
+
+    victim = toy_victim()
+    model = Purification(victim, Shift(0.0), Shift(0.3))  # a purifier far from the identity (pretrained)
+    images = torch.rand(8, 3, 32, 32)
+    labels = victim(images).argmax(dim=1)
+    first = model.mask_loss(images, labels, round_index=0)["loss"]
+    later = model.mask_loss(images, labels, round_index=1)["loss"]
+    torch.testing.assert_close(first, decoupling_loss(victim, model.feature_mask, images, labels)["loss"])
+    torch.testing.assert_close(later, decoupling_loss(model.defended(), model.feature_mask, images, labels)["loss"])
+    assert not torch.isclose(first, later)
+    torch.testing.assert_close(model.attacked(1)(images), victim(images + 0.3))
+    assert model.attacked(0) is model.victim
+
+
 def test_replay_draws_each_image_from_the_earlier_generators_or_the_current_one():
     from lightning_defense.defenses.btidbf.torch_model import Purification
 

@@ -254,12 +254,12 @@ class BTIDBF(DefenseModule):
         images, labels = batch
         phase = self.phase
         if phase.name == "detect":
-            self.target_votes += self.model.target_votes(images).cpu()
+            self.target_votes += self.model.target_votes(images, phase.round).cpu()
             return
         if phase.name == "pretrain":
             losses = self.model.pretrain_loss(images)
         elif phase.name == "mask":
-            losses = self.model.mask_loss(images, labels)
+            losses = self.model.mask_loss(images, labels, phase.round)
         elif phase.name == "generator":
             losses = self.model.generator_loss(images, phase.round)
         else:

@@ -302,15 +302,21 @@ class TriggerInversion(nn.Module):
     def end_pretraining(self) -> None:
         """After pretraining: parts that start from the pretrained G take its weights."""
 
-    def mask_loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return decoupling_loss(self.defended(), self.feature_mask, images, labels)
+    def attacked(self, round_index: int) -> SplitModel:
+        """The model steps 1 and 2 of a round work on: the victim in round 1 (before any step 3,
+        the defended model is the victim, whatever a pretrained purifier would make of it; the
+        official code's round 1 uses the victim too), the defended model so far after that."""
+        return self.victim if round_index == 0 else self.defended()
+
+    def mask_loss(self, images: Tensor, labels: Tensor, round_index: int) -> dict[str, Tensor]:
+        return decoupling_loss(self.attacked(round_index), self.feature_mask, images, labels)
 
     def generator_loss(self, images: Tensor, round_index: int) -> dict[str, Tensor]:
         target = int(self.detected_target) if round_index > 0 and self.detected_target >= 0 else None
         with torch.no_grad():
             mask = self.feature_mask()
         return generator_loss(
-            self.defended(),
+            self.attacked(round_index),
             mask,
             self.generator,
             images,
@@ -321,10 +327,10 @@ class TriggerInversion(nn.Module):
         )
 
     @torch.no_grad()
-    def target_votes(self, images: Tensor) -> Tensor:
+    def target_votes(self, images: Tensor, round_index: int) -> Tensor:
         """How often each class is predicted on G(x + noise): the detected target is the top one.
         The noisy images are clamped to [0, 1] (contract 1; the official code does not clamp)."""
-        model = self.defended()
+        model = self.attacked(round_index)
         std = self.victim.std.to(images.device)
         noisy = (images + self.vote_noise * std * torch.randn_like(images)).clamp(0, 1)
         predictions = model(self.generator(noisy)).argmax(dim=1)
