@@ -56,7 +56,7 @@ def table(results: list[dict]) -> str:
     # trigger-inversion defenses (BTI-DBF) also report the detected target, detection and phase times
     detection = any("val/dsr" in r["last"] for r in results)
     if detection:
-        header += " detected target (DSR) | detection F1 % | mask / generator / vote / defense min |"
+        header += " detected target (DSR) | detection F1 % | (pretrain /) mask / generator / vote / defense min |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         values = [f"{100 * r['last'][k]:.2f}" if k in r["last"] else "–" for k in keys]
@@ -68,7 +68,7 @@ def table(results: list[dict]) -> str:
             last, phases = r["last"], r.get("phase_seconds") or {}
             target = f"{last['val/detected_target']:.0f} ({last['val/dsr']:.0f})" if "val/dsr" in last else "–"
             f1 = f"{100 * last['val/detection_f1']:.2f}" if "val/detection_f1" in last else "–"
-            order = ("mask", "generator", "detect", "defense")
+            order = ("pretrain", "mask", "generator", "detect", "defense")
             times = " / ".join(f"{phases[p] / 60:.1f}" for p in order if p in phases)
             line += f" {target} | {f1} | {times or '–'} |"
         lines.append(line)
