@@ -19,7 +19,9 @@ A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``va
 test-time defenses that train nothing (BDMAE); one row may name its own, as a mapping
 ``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table.
 Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run again,
-so an interrupted sweep continues where it stopped.
+so an interrupted sweep continues where it stopped. ``--summary-only`` runs nothing and
+tabulates the rows already under ``--out`` (those with a ``runs/<name>/`` folder), for a sweep
+that was interrupted or whose rows were run one ``--only`` at a time.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: leave as is)")
     parser.add_argument("--only", nargs="*", help="run just these rows")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing: tabulate the rows already in --out")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -117,19 +120,24 @@ def main() -> None:
         row = value if isinstance(value, dict) else {"args": value}
         subcommand = row.get("subcommand", default_subcommand)
         commands[name] = command(spec["base"], flatten(row.get("args") or []) + extra, args.out, name, subcommand)
+    if args.summary_only:
+        commands = {name: cmd for name, cmd in commands.items() if (args.out / "runs" / name).is_dir()}
+        if not commands:
+            parser.error(f"--summary-only: no row of {args.variants} has a runs/<name>/ folder under {args.out}")
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.monotonic()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
+    if not args.summary_only:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
     results = [summarize(name, shlex.join(cmd), args.out) for name, cmd in commands.items()]
     summary = {
         "machine": machine(),
         "jobs": args.jobs,
         "threads_per_run": args.threads or None,
-        "sweep_wall_s": time.monotonic() - start,
+        "sweep_wall_s": None if args.summary_only else time.monotonic() - start,
         "argv": sys.argv,
         "rows": results,
     }
