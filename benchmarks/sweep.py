@@ -124,20 +124,22 @@ def main() -> None:
         commands = {name: cmd for name, cmd in commands.items() if (args.out / "runs" / name).is_dir()}
         if not commands:
             parser.error(f"--summary-only: no row of {args.variants} has a runs/<name>/ folder under {args.out}")
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    start = time.monotonic()
+    sweep_wall_s = None
     if not args.summary_only:
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        start = time.monotonic()
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
+        sweep_wall_s = time.monotonic() - start
     results = [summarize(name, shlex.join(cmd), args.out) for name, cmd in commands.items()]
     summary = {
         "machine": machine(),
         "jobs": args.jobs,
         "threads_per_run": args.threads or None,
-        "sweep_wall_s": None if args.summary_only else time.monotonic() - start,
+        "sweep_wall_s": sweep_wall_s,
         "argv": sys.argv,
         "rows": results,
     }
