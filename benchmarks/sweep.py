@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 import yaml
 from machine_info import machine
 
+from lightning_defense.hardware import worker_environment
 from lightning_defense.study import run_logged, summarize
 
 
@@ -103,7 +103,12 @@ def main() -> None:
     parser.add_argument("variants", type=Path, help="YAML with `base` (config list) and `variants` (name: args)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: leave as is)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS per run (0: the caller's if set, else the cores divided between the jobs)",
+    )
     parser.add_argument("--only", nargs="*", help="run just these rows")
     parser.add_argument("--summary-only", action="store_true", help="run nothing: tabulate the rows already in --out")
     argv = sys.argv[1:]
@@ -125,11 +130,9 @@ def main() -> None:
         if not commands:
             parser.error(f"--summary-only: no row of {args.variants} has a runs/<name>/ folder under {args.out}")
     sweep_wall_s = None
+    env = worker_environment(args.jobs, args.threads)
     if not args.summary_only:
         (args.out / "logs").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
         start = time.monotonic()
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
@@ -138,7 +141,7 @@ def main() -> None:
     summary = {
         "machine": machine(),
         "jobs": args.jobs,
-        "threads_per_run": args.threads or None,
+        "threads_per_run": None if args.summary_only else int(env["OMP_NUM_THREADS"]),
         "sweep_wall_s": sweep_wall_s,
         "argv": sys.argv,
         "rows": results,

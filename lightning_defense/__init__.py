@@ -3,12 +3,14 @@
 from lightning_defense import attacks, callbacks, data, defenses, victims
 from lightning_defense.callbacks import EpochSummary, PredictionWriter
 from lightning_defense.defenses import REFINE
+from lightning_defense.trainer import DefenseTrainer
 from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer
 from lightning_defense.victims.lightning_model import VictimTrainer
 
 __version__ = "0.1.0"
 __all__ = [
     "REFINE",
+    "DefenseTrainer",
     "EpochSummary",
     "InputAwareVictimTrainer",
     "PredictionWriter",

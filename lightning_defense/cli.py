@@ -22,12 +22,15 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
 from lightning_defense.checkpoint_io import AtomicCheckpointIO
 from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
+from lightning_defense.hardware import configure_threads
+from lightning_defense.trainer import DefenseTrainer
 
 # `ckpt_path` values that Lightning resolves itself
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -58,7 +61,9 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 class DefenseCLI(LightningCLI):
     """LightningCLI with the project's defaults: seed 0, rich progress bar, CSV logs under
-    ``runs/``, and a checkpoint callback that writes ``last.ckpt`` after every training epoch."""
+    ``runs/``, a checkpoint callback that writes ``last.ckpt`` after every training epoch, and
+    :class:`~lightning_defense.trainer.DefenseTrainer` (precision and memory layout from the
+    hardware) with CPU threads shared out between the run's processes."""
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # the rich bar is a default, not an order: `enable_progress_bar: false` or another bar wins
@@ -76,7 +81,14 @@ class DefenseCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # DDP ranks on this machine share its cores; single-device strategies run one process
+        processes = trainer.num_devices if isinstance(trainer.strategy, ParallelStrategy) else 1
+        threads = configure_threads(processes)
+        rank_zero_info(f"CPU threads: {threads.threads} per process ({threads.reason}).")
+        if threads.warning:
+            rank_zero_warn(threads.warning)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint before Lightning reads it, and say which settings of this command
@@ -210,6 +222,7 @@ def build_cli(args: list[str] | None, run: bool = True) -> DefenseCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=DefenseTrainer,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},  # main() prints config errors without the usage wall

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.hardware import worker_environment
 
 
 def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None = None, tag: str = "study") -> int:
@@ -121,7 +121,8 @@ class Study:
         arguments: extra ``lightning fit`` arguments for every cell (e.g. fewer epochs).
         out: the study folder.
         jobs: cells run at the same time.
-        threads: OMP_NUM_THREADS per cell (0: leave it).
+        threads: OMP_NUM_THREADS per cell (0: the caller's OMP_NUM_THREADS if set, else the cores
+            divided between the ``jobs``).
     """
 
     victim: str
@@ -196,9 +197,7 @@ class Study:
 
     def run(self) -> list[dict[str, Any]]:
         out = Path(self.out)
-        env = dict(os.environ)
-        if self.threads:
-            env["OMP_NUM_THREADS"] = str(self.threads)
+        env = worker_environment(self.jobs, self.threads)
         cells = self.cells()
         configs = {cell.name: self.write_cell_config(cell, out, env) for cell in cells}  # bad cells fail first
         with ThreadPoolExecutor(self.jobs) as pool:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,18 @@ def write_image_folder(
                 write_png(image, str(folder / f"{i:04d}.png"))
             else:
                 write_jpeg(image, str(folder / f"{i:04d}.jpg"), quality=95)
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The CLI sets torch's threads and OMP_NUM_THREADS for its process: undo it after each test."""
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture

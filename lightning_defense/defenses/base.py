@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics, split_batch
+from lightning_defense.hardware import uses_channels_last
 from lightning_defense.victims import Classifier
 
 # The frozen victim stays in eval mode on purpose (contract 2); Lightning's warning about
@@ -49,9 +50,10 @@ class DefenseModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
-        # NHWC weights make every convolution run NHWC, inputs included: REFINE's step measured
-        # 1.2-1.4x faster on the CPU in bf16 (benchmarks/PERFORMANCE.md), and tensor cores want it
-        self.to(memory_format=torch.channels_last)
+        # NHWC weights make every convolution run NHWC, inputs included: it pays in 16-bit precision
+        # (oneDNN's bf16 kernels, tensor cores) and costs a little in fp32 on the CPU (PERFORMANCE.md)
+        if uses_channels_last(self.trainer):
+            self.to(memory_format=torch.channels_last)
 
     def _evaluate(self, batch: tuple[Tensor, ...], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
         """Update BA/ASR/RA of the defended model and of the victim; returns both logits."""

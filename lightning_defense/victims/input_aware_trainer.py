@@ -101,7 +101,6 @@ class InputAwareVictimTrainer(VictimTrainer):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (100, 150),
         lr_gamma: float = 0.1,
-        channels_last: bool = True,
         export_name: str = "victim.safetensors",
         target: int = 0,
         label_mode: LabelMode = "all_to_one",
@@ -133,7 +132,6 @@ class InputAwareVictimTrainer(VictimTrainer):
             weight_decay,
             lr_milestones,
             lr_gamma,
-            channels_last=channels_last,
             export_name=export_name,
         )
         self.save_hyperparameters()
@@ -145,8 +143,6 @@ class InputAwareVictimTrainer(VictimTrainer):
         # the label and batch rules of the attack; the generators it will name exist after training
         self.attack = InputAware(target, poison_rate, label_mode, cross_rate)
         self.generators = InputAwareGenerators(len(mean), generator_width, generator_depth, mean, std)
-        if channels_last:
-            self.generators.to(memory_format=torch.channels_last)
         for stage in ("val", "test"):
             setattr(self, f"{stage}_cross_accuracy", MulticlassAccuracy(num_classes, average="micro"))
             setattr(self, f"{stage}_mask_density", MeanMetric())
@@ -166,6 +162,8 @@ class InputAwareVictimTrainer(VictimTrainer):
                 "(target, label_mode, poison_rate, cross_rate)."
             )
         super().setup(stage)
+        if self.channels_last:
+            self.generators.to(memory_format=torch.channels_last)
         if "configure_optimizers" in vars(self):  # LightningCLI patches it in for an `optimizer:` section
             raise ConfigurationError(
                 "InputAwareVictimTrainer trains the classifier and each generator with its own optimizer: remove the "

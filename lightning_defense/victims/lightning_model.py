@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics, split_batch
+from lightning_defense.hardware import uses_channels_last
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
@@ -33,7 +34,6 @@ class VictimTrainer(LightningModule):
         arch: a name from :data:`lightning_defense.victims.ARCHITECTURES`.
         num_classes: must match the DataModule's.
         mean, std: per-channel normalization applied inside the classifier.
-        channels_last: NHWC memory layout, faster for convolutions on CPUs and GPUs.
     """
 
     def __init__(
@@ -47,25 +47,27 @@ class VictimTrainer(LightningModule):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (100, 150),
         lr_gamma: float = 0.1,
-        channels_last: bool = True,
         export_name: str = "victim.safetensors",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std))
-        if channels_last:
-            self.classifier.to(memory_format=torch.channels_last)
+        #: NHWC layout, chosen from the Trainer's precision in `setup` (:mod:`lightning_defense.hardware`)
+        self.channels_last = False
         self.val_metrics = BackdoorMetrics(num_classes, "val")
         self.test_metrics = BackdoorMetrics(num_classes, "test")
         self.attack_config: dict[str, Any] | None = None
         self.data_config: dict[str, Any] | None = None
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.hparams.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.classifier(images)
 
     def setup(self, stage: str) -> None:
+        self.channels_last = uses_channels_last(self.trainer)
+        if self.channels_last:
+            self.classifier.to(memory_format=torch.channels_last)
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
