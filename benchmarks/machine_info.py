@@ -8,8 +8,11 @@ from pathlib import Path
 
 
 def machine() -> dict[str, str | int]:
-    """CPU model, core and thread counts, torch version and the GPU, where there is one."""
+    """CPU model, its vector extensions and bf16 instructions (what ``precision: auto`` reads), core
+    and thread counts, torch version and the GPU, where there is one."""
     import torch
+
+    from lightning_defense.hardware import cpu_bf16_instructions
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
@@ -18,6 +21,8 @@ def machine() -> dict[str, str | int]:
         cpu = names[0] if names else cpu
     info: dict[str, str | int] = {
         "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": ", ".join(cpu_bf16_instructions()) or "none",
         "cores": os.cpu_count() or 0,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

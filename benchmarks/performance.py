@@ -258,8 +258,8 @@ def measure(args: argparse.Namespace) -> dict:
     return result
 
 
-#: the grid's cells: precision x memory layout
-GRID = [(p, cl) for p in ("32-true", "bf16-mixed") for cl in (False, True)]
+#: the grid's precisions; each is timed NCHW and NHWC
+PRECISIONS = ("32-true", "bf16-mixed")
 
 
 def grid_cell(precision: str, channels_last: bool) -> str:
@@ -274,10 +274,11 @@ def measure_grid(args: argparse.Namespace) -> dict:
     auto = Setting("optimized", device)
     picked = grid_cell(auto.precision, auto.memory_format == torch.channels_last)
     rows: dict[str, dict[str, float]] = {}
+    grid = [(p, cl) for p in args.precisions for cl in (False, True)]
     for name, make in made.compute().items():
         if args.rows and not any(part in name for part in args.rows):
             continue
-        for precision, channels_last in GRID:
+        for precision, channels_last in grid:
             cell = grid_cell(precision, channels_last)
             fn = make(Setting("optimized", device, precision, channels_last))
             rows.setdefault(name, {})[cell] = args.batch_size / timed(fn, args.steps, device, warmup=1)
@@ -289,18 +290,20 @@ def measure_grid(args: argparse.Namespace) -> dict:
         "device": str(device),
         "cpu_bf16_instructions": cpu_bf16_instructions() if device.type == "cpu" else None,
         "auto": {"precision": auto.precision, "channels_last": auto.memory_format == torch.channels_last},
+        "grid": [grid_cell(*cell) for cell in grid],
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "images_per_s": rows,
     }
 
 
 def grid_markdown(result: dict) -> str:
-    cells = [grid_cell(*c) for c in GRID]
+    cells = result["grid"]
     lines = ["| row | " + " | ".join(f"{c} images/s" for c in cells) + " | auto picks | auto / best |"]
     lines.append("|" + "---|" * (len(cells) + 3))
     for name, values in result["images_per_s"].items():
         rates = " | ".join(f"{values[c]:,.1f}" for c in cells)
-        lines.append(f"| {name} | {rates} | {values['auto']} | {values['auto_over_best']:.2f} |")
+        picked = "" if values["auto"] in cells else " (not timed)"
+        lines.append(f"| {name} | {rates} | {values['auto']}{picked} | {values['auto_over_best']:.2f} |")
     return "\n".join(lines)
 
 
@@ -369,6 +372,7 @@ def main() -> None:
     parser.add_argument(
         "--grid", action="store_true", help="only the training steps in fp32/bf16 x NCHW/NHWC, and auto's pick"
     )
+    parser.add_argument("--precisions", nargs="+", default=PRECISIONS, help="the grid's precisions")
     parser.add_argument("--rows", nargs="*", help="time only the rows whose name contains one of these")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)

@@ -129,10 +129,11 @@ def main() -> None:
         commands = {name: cmd for name, cmd in commands.items() if (args.out / "runs" / name).is_dir()}
         if not commands:
             parser.error(f"--summary-only: no row of {args.variants} has a runs/<name>/ folder under {args.out}")
-    sweep_wall_s = None
-    env = worker_environment(args.jobs, args.threads)
+    sweep_wall_s = threads_per_run = None
     if not args.summary_only:
         (args.out / "logs").mkdir(parents=True, exist_ok=True)
+        env = worker_environment(args.jobs, args.threads)
+        threads_per_run = env["OMP_NUM_THREADS"]
         start = time.monotonic()
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
@@ -141,7 +142,7 @@ def main() -> None:
     summary = {
         "machine": machine(),
         "jobs": args.jobs,
-        "threads_per_run": None if args.summary_only else int(env["OMP_NUM_THREADS"]),
+        "threads_per_run": threads_per_run,
         "sweep_wall_s": sweep_wall_s,
         "argv": sys.argv,
         "rows": results,

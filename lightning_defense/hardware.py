@@ -1,9 +1,9 @@
 """Settings that follow the machine, not the config: precision, memory layout and CPU threads.
 
 bf16 autocast pays only where the hardware computes bf16: on a CPU without AVX-512 BF16 or AMX,
-PyTorch emulates it and a convolution step runs about 10x slower than in fp32
-(``benchmarks/PERFORMANCE.md``). channels_last pays with 16-bit convolutions (oneDNN's bf16
-kernels, tensor cores) and costs a little in fp32 on the CPU. So ``precision: auto`` and
+PyTorch emulates it and a training step runs 10-40x slower than in fp32
+(``benchmarks/PERFORMANCE.md``). channels_last (NHWC) was measured to pay on CPUs in fp32 and
+bf16 alike, and pays on GPUs with 16-bit convolutions (tensor cores). So ``precision: auto`` and
 ``channels_last: auto`` (:class:`~lightning_defense.trainer.DefenseTrainer`) are resolved here at
 start-up, and an explicit value always wins.
 
@@ -15,6 +15,9 @@ thread per core and fight over them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +74,29 @@ def device_type(accelerator: object = "auto") -> str:
     return "cpu"
 
 
-def auto_precision(device: str) -> PrecisionChoice:
-    """The fastest precision that keeps training stable on ``device`` (``cpu``, ``cuda``, ``mps``)."""
+def cuda_device(index: int = 0, without_initializing: bool = False) -> tuple[str, tuple[int, int]]:
+    """Name and compute capability of CUDA device ``index``. ``without_initializing`` asks a
+    short-lived subprocess, so that this process can still fork DDP ranks (``ddp_fork``), which
+    CUDA forbids once initialized."""
+    if not without_initializing:
+        return torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index))
+    code = (
+        "import torch; i = int(__import__('sys').argv[1]); "
+        "print(torch.cuda.get_device_name(i)); print(*torch.cuda.get_device_capability(i))"
+    )
+    lines = subprocess.run(
+        [sys.executable, "-c", code, str(index)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    major, minor = lines[-1].split()
+    return lines[-2], (int(major), int(minor))
+
+
+def auto_precision(device: str, cuda_index: int = 0, fork_safe: bool = False) -> PrecisionChoice:
+    """The fastest precision that keeps training stable on ``device`` (``cpu``, ``cuda``, ``mps``);
+    for CUDA, of device ``cuda_index`` (``fork_safe``: see :func:`cuda_device`)."""
     if device == "cuda":
-        name = torch.cuda.get_device_name()
-        if torch.cuda.get_device_capability() >= (8, 0):
+        name, capability = cuda_device(cuda_index, without_initializing=fork_safe)
+        if capability >= (8, 0):
             return PrecisionChoice("bf16-mixed", f"{name} computes bf16 natively")
         return PrecisionChoice(
             "16-mixed", f"{name} has no native bf16 (compute capability below 8.0); fp16 with loss scaling"
@@ -86,7 +107,7 @@ def auto_precision(device: str) -> PrecisionChoice:
             return PrecisionChoice("bf16-mixed", f"this CPU has {' and '.join(found)}")
         return PrecisionChoice(
             "32-true",
-            "this CPU has no bf16 instructions (AVX-512 BF16 or AMX); bf16 would be emulated, about 10x slower",
+            "this CPU has no bf16 instructions (AVX-512 BF16 or AMX); bf16 would be emulated, 10-20x slower",
         )
     return PrecisionChoice("32-true", f"mixed precision on {device} is not measured here")
 
@@ -98,11 +119,14 @@ def is_half(precision: object) -> bool:
 
 def uses_channels_last(trainer: object) -> bool:
     """The memory layout for a module run by ``trainer``: its ``channels_last`` setting where it has
-    one (:class:`~lightning_defense.trainer.DefenseTrainer`), else on exactly with 16-bit precision."""
+    one (:class:`~lightning_defense.trainer.DefenseTrainer`), else where NHWC was measured to pay:
+    on a CPU in fp32 and bf16 alike (oneDNN's NHWC kernels), and on a GPU with 16-bit precision
+    (tensor cores); a GPU in fp32 keeps PyTorch's NCHW."""
     setting = getattr(trainer, "channels_last", "auto")
     if isinstance(setting, bool):
         return setting
-    return is_half(getattr(trainer, "precision", "32-true"))
+    device = device_type(getattr(trainer, "accelerator", "cpu"))
+    return device == "cpu" or is_half(getattr(trainer, "precision", "32-true"))
 
 
 def available_cores() -> int:
@@ -151,8 +175,8 @@ def configure_threads(processes: int) -> ThreadChoice:
     warning = None
     if processes > cores:
         warning = (
-            f"{processes} processes share {cores} cores: they will slow each other down. Use at most "
-            f"{cores} devices (--trainer.devices {cores})."
+            f"{processes} processes share {cores} cores: they will slow each other down. Use fewer "
+            "processes per machine (CPU DDP: --trainer.devices), or give the machine more cores."
         )
     elif (load := _load_average()) is not None and load >= cores:
         warning = (
@@ -180,4 +204,12 @@ def worker_environment(jobs: int, threads: int = 0) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(threads)
     elif not env.get("OMP_NUM_THREADS"):
         env["OMP_NUM_THREADS"] = str(threads_per_process(jobs))
+    outer = env["OMP_NUM_THREADS"].split(",")[0].strip()  # OpenMP allows a list per nesting level
+    cores, wanted = available_cores(), jobs * (int(outer) if outer.isdigit() else 1)
+    if wanted > cores:
+        warnings.warn(
+            f"{jobs} runs x {env['OMP_NUM_THREADS']} threads ask for {wanted} threads on {cores} cores: the runs "
+            "will slow each other down. Lower --jobs or --threads (0 splits the cores between the jobs).",
+            stacklevel=2,
+        )
     return env

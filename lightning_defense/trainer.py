@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from lightning import Trainer
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_defense.hardware import auto_precision, device_type, uses_channels_last
@@ -21,8 +22,8 @@ class DefenseTrainer(Trainer):
             ``16-mixed`` on older CUDA devices, ``32-true`` elsewhere. The choice and its reason are
             printed at start-up.
         channels_last: NHWC weights and activations for the modules that support them (every
-            defense, the victim trainers): ``auto`` turns it on exactly with 16-bit precision, where
-            it was measured to pay; in fp32 on the CPU it costs a little.
+            defense, the victim trainers): ``auto`` turns it on where it was measured to pay, on
+            CPUs (fp32 and bf16) and on GPUs with 16-bit precision.
         **kwargs: the other arguments of :class:`lightning.Trainer`.
     """
 
@@ -34,8 +35,16 @@ class DefenseTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         choice = None
-        if precision == "auto":
-            choice = auto_precision(device_type(kwargs.get("accelerator", "auto")))
+        plugins = kwargs.get("plugins")
+        plugins = plugins if isinstance(plugins, list | tuple) else [plugins]
+        if precision == "auto" and any(isinstance(p, Precision) for p in plugins):
+            precision = None  # a precision plugin decides; Lightning refuses both
+        elif precision == "auto":
+            devices = kwargs.get("devices", "auto")
+            index = int(devices[0]) if isinstance(devices, list | tuple) and devices else 0
+            # forking strategies need CUDA uninitialized in this process until the ranks exist
+            forks = any(word in str(kwargs.get("strategy", "")) for word in ("fork", "notebook"))
+            choice = auto_precision(device_type(kwargs.get("accelerator", "auto")), index, fork_safe=forks)
             precision = choice.precision
         super().__init__(precision=precision, **kwargs)
         self.channels_last = uses_channels_last(self) if channels_last == "auto" else channels_last

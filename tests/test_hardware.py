@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.plugins import DoublePrecision
 
 from lightning_defense import hardware
 from lightning_defense.cli import build_cli
@@ -24,6 +25,7 @@ def cpu(monkeypatch):
 
     def make(*instructions: str) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
         for name, check in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported")):
             monkeypatch.setattr(torch.cpu, check, lambda name=name: name in instructions, raising=False)
@@ -75,14 +77,18 @@ def test_cuda_uses_bf16_where_native_else_fp16(cuda, capability, expected):
 
 def test_the_trainer_resolves_auto_and_an_explicit_precision_wins(cpu, capsys):
     cpu()
-    trainer = DefenseTrainer(logger=False, enable_checkpointing=False)
-    assert trainer.precision == "32-true" and trainer.channels_last is False
-    explicit = DefenseTrainer(precision="bf16-mixed", logger=False, enable_checkpointing=False)
-    assert explicit.precision == "bf16-mixed" and explicit.channels_last is True  # layout follows the precision
-    forced = DefenseTrainer(precision="32-true", channels_last=True, logger=False, enable_checkpointing=False)
-    assert forced.precision == "32-true" and forced.channels_last is True
+    quiet = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False}
+    trainer = DefenseTrainer(**quiet)
+    assert trainer.precision == "32-true" and trainer.channels_last is True  # NHWC pays on CPUs in fp32 too
+    explicit = DefenseTrainer(precision="bf16-mixed", **quiet)
+    assert explicit.precision == "bf16-mixed" and explicit.channels_last is True
+    forced = DefenseTrainer(precision="32-true", channels_last=False, **quiet)
+    assert forced.precision == "32-true" and forced.channels_last is False
     cpu("amx")
-    assert DefenseTrainer(logger=False, enable_checkpointing=False).precision == "bf16-mixed"
+    assert DefenseTrainer(**quiet).precision == "bf16-mixed"
+    # a precision plugin decides alone (Lightning refuses a precision beside it)
+    plugin = DefenseTrainer(plugins=[DoublePrecision()], **quiet)
+    assert plugin.precision == "64-true"
 
 
 def test_the_cli_prints_its_choice_and_the_command_line_overrides_the_config(cpu, tmp_path, monkeypatch, caplog):
@@ -96,21 +102,44 @@ def test_the_cli_prints_its_choice_and_the_command_line_overrides_the_config(cpu
         auto = build_cli(["--config", str(config), *model, *data], run=False)
     assert auto.trainer.precision == "bf16-mixed" and auto.trainer.channels_last
     assert "Precision auto -> bf16-mixed: this CPU has AVX-512 BF16; channels_last on." in caplog.text
-    given = build_cli(["--config", str(config), "--trainer.precision", "32", *model, *data], run=False)
+    given = ["--trainer.precision", "32", "--trainer.channels_last", "false"]
+    given = build_cli(["--config", str(config), *given, *model, *data], run=False)
     assert given.trainer.precision == "32-true" and not given.trainer.channels_last
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_modules_take_the_layout_of_the_trainer(precision, tmp_path):
-    """channels_last follows the Trainer: NHWC weights with 16-bit precision, NCHW in fp32."""
-    trainer = DefenseTrainer(precision=precision, logger=False, enable_checkpointing=False, default_root_dir=tmp_path)
+def test_the_layout_rule_per_device():
+    """NHWC on CPUs in any precision and on GPUs in 16 bits; NCHW for a GPU in fp32."""
+
+    class Fake:
+        def __init__(self, accelerator, precision):
+            self.accelerator, self.precision = type(accelerator, (), {})(), precision
+
+    assert hardware.uses_channels_last(Fake("CPUAccelerator", "32-true"))
+    assert hardware.uses_channels_last(Fake("CPUAccelerator", "bf16-mixed"))
+    assert hardware.uses_channels_last(Fake("CUDAAccelerator", "16-mixed"))
+    assert not hardware.uses_channels_last(Fake("CUDAAccelerator", "32-true"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_modules_take_the_layout_of_the_trainer(channels_last, tmp_path):
+    """Modules convert in `setup` to the Trainer's layout; a module's own setting wins."""
+    trainer = DefenseTrainer(
+        accelerator="cpu",
+        channels_last=channels_last,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     defense, victim = REFINE(VICTIM, encoder_name="resnet18", encoder_depth=2, decoder_channels=(8, 4)), VictimTrainer()
-    for module in (defense, victim):
+    forced = VictimTrainer(channels_last=not channels_last)  # a module's own setting wins (older configs name it)
+    for module in (defense, victim, forced):
         module.trainer = trainer
         trainer.strategy.connect(module)
-    defense.setup("validate")
-    victim.setup("validate")
-    nhwc = precision == "bf16-mixed"
+    for module in (defense, victim, forced):
+        module.setup("validate")
+    forced_weight = next(p for p in forced.classifier.parameters() if p.dim() == 4)
+    assert forced_weight.is_contiguous(memory_format=torch.channels_last) is not channels_last
+    nhwc = channels_last
     for network in (defense.model, victim.classifier):
         weight = next(p for p in network.parameters() if p.dim() == 4)
         assert weight.is_contiguous(memory_format=torch.channels_last) is nhwc
@@ -180,7 +209,8 @@ def test_study_workers_split_the_cores(cores, monkeypatch):
     study.run()
     assert len(seen) == 4 and all(env["OMP_NUM_THREADS"] == "1" for env in seen)
     assert hardware.worker_environment(1)["OMP_NUM_THREADS"] == "2"
-    assert hardware.worker_environment(2, threads=2)["OMP_NUM_THREADS"] == "2"
+    with pytest.warns(UserWarning, match="2 runs x 2 threads ask for 4 threads on 2 cores"):
+        assert hardware.worker_environment(2, threads=2)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert hardware.worker_environment(1)["OMP_NUM_THREADS"] == "1"
 

@@ -101,6 +101,7 @@ class InputAwareVictimTrainer(VictimTrainer):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (100, 150),
         lr_gamma: float = 0.1,
+        channels_last: bool | None = None,
         export_name: str = "victim.safetensors",
         target: int = 0,
         label_mode: LabelMode = "all_to_one",
@@ -132,6 +133,7 @@ class InputAwareVictimTrainer(VictimTrainer):
             weight_decay,
             lr_milestones,
             lr_gamma,
+            channels_last=channels_last,
             export_name=export_name,
         )
         self.save_hyperparameters()

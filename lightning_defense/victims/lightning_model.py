@@ -34,6 +34,8 @@ class VictimTrainer(LightningModule):
         arch: a name from :data:`lightning_defense.victims.ARCHITECTURES`.
         num_classes: must match the DataModule's.
         mean, std: per-channel normalization applied inside the classifier.
+        channels_last: NHWC layout for this module; ``None`` (default) follows the Trainer's
+            ``channels_last`` (see :func:`lightning_defense.hardware.uses_channels_last`).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class VictimTrainer(LightningModule):
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (100, 150),
         lr_gamma: float = 0.1,
+        channels_last: bool | None = None,
         export_name: str = "victim.safetensors",
     ) -> None:
         super().__init__()
@@ -65,7 +68,8 @@ class VictimTrainer(LightningModule):
         return self.classifier(images)
 
     def setup(self, stage: str) -> None:
-        self.channels_last = uses_channels_last(self.trainer)
+        given = self.hparams.channels_last
+        self.channels_last = uses_channels_last(self.trainer) if given is None else given
         if self.channels_last:
             self.classifier.to(memory_format=torch.channels_last)
         datamodule = self.trainer.datamodule
