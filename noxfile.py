@@ -13,6 +13,21 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 
+#: the floors of pyproject.toml for the packages whose behaviour the trust boundary relies on;
+#: torch's floor (2.10) is tested by mocking its version, since a second torch is gigabytes
+LOWEST = ["lightning==2.6.0", "jsonargparse[signatures]==4.32.0", "safetensors==0.4.0", "torchmetrics==1.4.0"]
+#: the tests of the trust boundary and of the CLI's error handling
+SECURITY_TESTS = ["tests/test_trust.py", "tests/test_victim_file.py", "tests/test_fault_tolerance.py"]
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The security tests on the lowest versions pyproject.toml allows."""
+    session.install(*TORCH)
+    session.install("-e", ".[test]", *LOWEST)
+    session.run("pytest", "-q", *SECURITY_TESTS, *session.posargs, env={"OMP_NUM_THREADS": "2"})
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")

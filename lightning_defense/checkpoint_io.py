@@ -1,18 +1,83 @@
-"""Checkpoints that survive a kill during the write."""
+"""Reading and writing torch files: the one weights-only load path, and checkpoints that survive a
+kill during the write."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
+
+from lightning_defense.errors import UntrustedCheckpointError
+
+#: the oldest torch whose ``weights_only`` loader has no published bypass: CVE-2025-32434 was
+#: fixed in 2.6, CVE-2026-24747 in 2.10
+SAFE_TORCH = (2, 10)
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Refuse to read torch files with a torch whose weights-only loader can be made to run code."""
+    version = torch.__version__ if version is None else version
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match and (int(match.group(1)), int(match.group(2))) < SAFE_TORCH:
+        floor = ".".join(map(str, SAFE_TORCH))
+        raise UntrustedCheckpointError(
+            f"torch {version} has published ways to run code through a weights-only checkpoint "
+            f"(CVE-2025-32434, CVE-2026-24747), so lightning-defense reads no torch file with it. "
+            f"Upgrade: pip install 'torch>={floor}' (with its matching torchvision)."
+        )
+
+
+def _is_url(path: object) -> bool:
+    return str(path).startswith(("http://", "https://"))
+
+
+def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
+    """Read a torch file (``.ckpt``, ``.pt``, ``.pth``; a local path, ``file://`` or another fsspec
+    URL) as weights only: tensors and plain containers, never pickled objects (contract 3)."""
+    check_torch_version()
+    try:
+        if _is_url(path):
+            # cached under a name of the whole URL: .../runA/last.ckpt and .../runB/last.ckpt must not collide
+            name = f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}-{Path(urlparse(str(path)).path).name}"
+            return torch.hub.load_state_dict_from_url(
+                str(path), map_location=map_location, weights_only=True, file_name=name
+            )
+        with get_filesystem(path).open(str(path), "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} holds pickled Python objects and was refused: unpickling them could run "
+            "arbitrary code (contract 3). Use a checkpoint written by lightning-defense, a safetensors file, "
+            "or a plain state dict (`torch.save(model.state_dict(), path)`); if you trust the file, convert "
+            "it yourself outside this tool."
+        ) from err
+    except FileNotFoundError:
+        raise
+    except URLError as err:
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} could not be downloaded ({err.reason}). Check the address and the network, or "
+            "download the file and pass its local path."
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} could not be read as a PyTorch checkpoint ({err}). It may be truncated or not a "
+            "checkpoint at all; re-copy or re-export it."
+        ) from err
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to ``<name>.partial`` beside it, flush it to disk, then rename it over
     the old one, so a run killed mid-write (or a full disk) leaves the previous checkpoint whole.
+    Read every checkpoint with :func:`load_weights`, whatever ``weights_only`` Lightning asks for.
 
     Lightning's own writer stages through the system's temporary folder and *moves* the file,
     which is a copy, not a rename, when that folder is on another file system.
@@ -32,3 +97,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not _is_url(path) and not get_filesystem(path).exists(str(path)):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return load_weights(path, map_location="cpu" if map_location is None else map_location)

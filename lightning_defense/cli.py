@@ -27,10 +27,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
-from lightning_defense.checkpoint_io import AtomicCheckpointIO
+from lightning_defense.checkpoint_io import AtomicCheckpointIO, load_weights
 from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
 from lightning_defense.trainer import DefenseTrainer
+from lightning_defense.victims.victim_file import check_same_victim
 
 # `ckpt_path` values that Lightning resolves itself
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")
@@ -49,6 +50,22 @@ def check_checkpoint_file(path: Path) -> None:
             f"Checkpoint {str(path)!r} is damaged or truncated (not a complete torch checkpoint). Resume from "
             "another checkpoint of the run (its checkpoints/ folder) or start over without --ckpt_path."
         )
+
+
+def _names_class(recorded: str, configured: str | None) -> bool:
+    """Whether a checkpoint's recorded class path names the configured class. Only modules already
+    imported are looked in: a path read from a file never imports anything."""
+    if configured is None:
+        return False
+    if recorded == configured:
+        return True
+
+    def loaded(path: str) -> object:  # vars(), not getattr: a module's __getattr__ could import
+        module, _, name = path.rpartition(".")
+        return vars(sys.modules[module]).get(name) if module in sys.modules else None
+
+    target = loaded(configured)
+    return target is not None and loaded(recorded) is target
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,8 +99,11 @@ class DefenseCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
         trainer = super()._instantiate_trainer(config, callbacks)
-        # DDP ranks on this machine share its cores; single-device strategies run one process
-        processes = trainer.num_devices if isinstance(trainer.strategy, ParallelStrategy) else 1
+        # DDP ranks that Lightning starts on this machine share its cores; ranks started by SLURM or
+        # torchrun already come with their own share (CPU binding, OMP_NUM_THREADS)
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        external = getattr(environment, "creates_processes_externally", False)
+        processes = trainer.num_devices if isinstance(trainer.strategy, ParallelStrategy) and not external else 1
         threads = configure_threads(processes)
         rank_zero_info(f"CPU threads: {threads.threads} per process ({threads.reason}).")
         if threads.warning:
@@ -91,16 +111,42 @@ class DefenseCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Check the checkpoint before Lightning reads it, and say which settings of this command
-        the checkpoint's own override: LightningCLI takes the model's settings from the
-        checkpoint on resume, and would otherwise drop changed ones silently."""
+        """Check the checkpoint before Lightning reads it, take the model's settings from it as
+        LightningCLI does on resume, and say which settings of this command it overrides.
+
+        The checkpoint is untrusted data: it is read with :func:`load_weights`, its recorded class
+        (``_class_path``) must be the config's model class and is never imported, and a checkpoint
+        of another victim is refused (contract 3)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or ckpt_path in SPECIAL_CHECKPOINTS or "://" in str(ckpt_path):
-            return super()._parse_ckpt_path()
-        check_checkpoint_file(Path(ckpt_path))
-        given = _flatten(self.config[subcommand].get("model"), "model.")
-        super()._parse_ckpt_path()
+        if not ckpt_path or str(ckpt_path).split(":")[0] in SPECIAL_CHECKPOINTS:
+            return  # resolved by Lightning and read through AtomicCheckpointIO; DefenseModule checks the victim
+        local = str(ckpt_path).removeprefix("file://")
+        if "://" not in local:
+            check_checkpoint_file(Path(local))
+        checkpoint = load_weights(ckpt_path)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(checkpoint, dict) or not isinstance(hparams, dict | None):
+            raise UntrustedCheckpointError(
+                f"Checkpoint {str(ckpt_path)!r} is not a Lightning checkpoint (no dict of hyper_parameters). Resume "
+                "from a checkpoint a run of lightning-defense wrote, or start over without --ckpt_path."
+            )
+        hparams = dict(hparams or {})
+        hparams.pop("_instantiator", None)
+        model = self.config[subcommand].get("model")
+        configured = model.get("class_path") if model is not None else None
+        recorded = hparams.pop("_class_path", None)
+        if recorded is not None and not (isinstance(recorded, str) and _names_class(recorded, configured)):
+            raise UntrustedCheckpointError(
+                f"Checkpoint {str(ckpt_path)!r} was written by {str(recorded)[:200]!r}, but the config's model is "
+                f"{configured!r}. Resume with the config of the run that wrote it, or start over without --ckpt_path."
+            )
+        check_same_victim(hparams.get("victim"), (model.get("init_args") or {}).get("victim"), ckpt_path)
+        if not hparams:
+            return
+        given = _flatten(model, "model.")
+        stored = {"class_path": configured, "init_args": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": stored}}, self.config)
         used = _flatten(self.config[subcommand].get("model"), "model.")
         changed = [f"{k}: {given[k]!r} -> {used[k]!r}" for k in sorted(given) if k in used and given[k] != used[k]]
         if changed:

@@ -107,7 +107,7 @@ def auto_precision(device: str, cuda_index: int = 0, fork_safe: bool = False) ->
             return PrecisionChoice("bf16-mixed", f"this CPU has {' and '.join(found)}")
         return PrecisionChoice(
             "32-true",
-            "this CPU has no bf16 instructions (AVX-512 BF16 or AMX); bf16 would be emulated, 10-20x slower",
+            "this CPU has no bf16 instructions (AVX-512 BF16 or AMX); bf16 would be emulated, 10-25x slower",
         )
     return PrecisionChoice("32-true", f"mixed precision on {device} is not measured here")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -13,6 +14,7 @@ from lightning_defense.errors import check_class_count
 from lightning_defense.evaluation import BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.victims import Classifier
+from lightning_defense.victims.victim_file import check_same_victim
 
 # The frozen victim stays in eval mode on purpose (contract 2); Lightning's warning about
 # modules in eval mode at the start of fit would only alarm users.
@@ -50,10 +52,15 @@ class DefenseModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
-        # NHWC weights make every convolution run NHWC, inputs included: it pays in 16-bit precision
-        # (oneDNN's bf16 kernels, tensor cores) and costs a little in fp32 on the CPU (PERFORMANCE.md)
+        # NHWC weights make every convolution run NHWC, inputs included: measured faster on CPUs in
+        # fp32 and bf16, and on GPUs in 16 bits (tensor cores); PERFORMANCE.md
         if uses_channels_last(self.trainer):
             self.to(memory_format=torch.channels_last)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # every kind of --ckpt_path (last, best, hpc, a path): a checkpoint of another victim is refused
+        stored = (checkpoint.get("hyper_parameters") or {}).get("victim")
+        check_same_victim(stored, self.hparams.get("victim"), "the checkpoint to resume")
 
     def _evaluate(self, batch: tuple[Tensor, ...], dataloader_idx: int, stage: str) -> tuple[Tensor, Tensor]:
         """Update BA/ASR/RA of the defended model and of the victim; returns both logits."""

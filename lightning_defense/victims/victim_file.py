@@ -10,7 +10,6 @@ through ``torch.load(weights_only=True)``, which refuses anything that would run
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.safetensors_io import read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -61,29 +61,24 @@ def save_repaired_victim(path: str | Path, repaired: Classifier, original: str |
     return save_victim(path, repaired, metadata)
 
 
+def check_same_victim(stored: object, configured: object, checkpoint: object) -> None:
+    """Refuse to resume a checkpoint that defends another victim than the configured one."""
+    if stored is None or configured is None:
+        return
+    stored, configured = str(stored), str(configured)
+    if stored != configured and Path(stored).resolve() != Path(configured).resolve():
+        raise UntrustedCheckpointError(
+            f"Checkpoint {str(checkpoint)!r} defends victim {stored[:300]!r}, but the config names {configured!r}. "
+            "Resume with the run's own victim, or start a new run (no --ckpt_path) for another."
+        )
+
+
 def _missing(path: Path) -> InputNotFoundError:
     return InputNotFoundError(
         f"Victim checkpoint {str(path)!r} does not exist. Train one with "
         "`lightning fit --config configs/victims/cifar10_badnets.yaml` (it writes victim.safetensors "
         "in the run folder), or use the shipped one in checkpoints/."
     )
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UntrustedCheckpointError(
-            f"{str(path)!r} is not a weights-only checkpoint: it holds pickled Python objects, and "
-            "unpickling them could run arbitrary code, so it is refused. Ask its author for a "
-            "safetensors file or a plain state dict (`torch.save(model.state_dict(), path)`), or, if "
-            "you trust it, convert it yourself outside this tool."
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise UntrustedCheckpointError(
-            f"{str(path)!r} could not be read as a PyTorch checkpoint ({err}). It may be truncated "
-            "or not a checkpoint at all; re-copy or re-export it."
-        ) from err
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | None]:
@@ -95,7 +90,7 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
         weights, strings = read_safetensors(path)
         metadata = VictimMetadata.from_strings(strings) if strings.get("format") == FORMAT else None
         return weights, metadata
-    obj = _torch_load(path)
+    obj = load_weights(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
         prefix = "classifier."
         weights = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
+from lightning_defense.checkpoint_io import load_weights
+from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.safetensors_io import read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 
@@ -359,15 +359,7 @@ def infer_mae_config(tensors: dict[str, Tensor], where: str) -> dict[str, Any]:
 
 
 def _read_torch_file(path: Path) -> dict[str, Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UntrustedCheckpointError(
-            f"{str(path)!r} holds pickled Python objects and was refused: unpickling could run arbitrary code "
-            "(contract 3). Re-save its state dict of tensors, or convert it to safetensors."
-        ) from err
-    except (RuntimeError, OSError, EOFError) as err:
-        raise UntrustedCheckpointError(f"{str(path)!r} is not a readable torch file ({err}).") from err
+    checkpoint = load_weights(path)
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigurationError(f"{str(path)!r} holds no state dict of tensors (as a dict, or under 'model').")

@@ -320,6 +320,7 @@ class BTIDBF(DefenseModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         # the earlier rounds' generators must exist before the state dict is loaded into them
         prefix = "model.earlier_generators."
         kept = {key[len(prefix) :].split(".")[0] for key in checkpoint.get("state_dict", {}) if key.startswith(prefix)}
