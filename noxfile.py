@@ -1,5 +1,7 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "tests"]
@@ -13,9 +15,8 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-q", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 
-#: the floors of pyproject.toml for the packages whose behaviour the trust boundary relies on;
-#: torch's floor (2.10) is tested by mocking its version, since a second torch is gigabytes
-LOWEST = ["lightning==2.6.0", "jsonargparse[signatures]==4.32.0", "safetensors==0.4.0", "torchmetrics==1.4.0"]
+#: the floors of pyproject.toml for the packages the trust boundary relies on (.ci/lowest.txt)
+LOWEST = [line for line in Path(".ci/lowest.txt").read_text().splitlines() if line and not line.startswith("#")]
 #: the tests of the trust boundary and of the CLI's error handling
 SECURITY_TESTS = ["tests/test_trust.py", "tests/test_victim_file.py", "tests/test_fault_tolerance.py"]
 

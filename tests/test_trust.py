@@ -3,6 +3,7 @@ payload, and each test has a positive control showing the payload fires when not
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -133,3 +134,64 @@ def test_a_malformed_checkpoint_is_one_clear_error(checkpoint, trained, tmp_path
     torch.save(checkpoint, path)
     result = lightning("validate", "--config", config, "--ckpt_path", str(path), cwd=tmp_path)
     one_clear_error(result, str(path))
+
+
+def _altered_victim(tmp_path: Path, **changes: str) -> Path:
+    """The victim file of test_victim_file with some metadata entries replaced (raw JSON strings)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from test_victim_file import make_victim
+
+    _, path = make_victim(tmp_path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    metadata = {k: v for k, v in {**metadata, **changes}.items() if v is not None}
+    altered = tmp_path / "altered.safetensors"
+    save_file(tensors, str(altered), metadata=metadata)
+    return altered
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_classes": str(2**40)}, r"num_classes must be in \[2, 100,000\], not 1,099,511,627,776"),
+        ({"num_classes": "100001"}, r"num_classes must be in \[2, 100,000\]"),
+        ({"num_classes": "{not json"}, "is not valid JSON"),
+        ({"num_classes": None}, "lack 'num_classes'"),
+        ({"backdoor": '"x"'}, "name 'backdoor', which VictimMetadata does not take"),
+        ({"std": "[0.2, 0, 0.2]"}, "std must be positive"),
+        ({"attack": '{"class_path": "os.system", "init_args": {}}'}, "Unknown attack 'os.system'"),
+        ({"attack": '{"class_path": "BadNets", "init_args": {"target": 1, "payload": 1}}'}, "name 'payload'"),
+    ],
+    ids=["huge-class-count", "too-many-classes", "malformed-json", "missing-key", "unknown-key", "zero-std",
+         "foreign-attack", "unknown-attack-argument"],
+)  # fmt: skip
+def test_victim_metadata_is_checked_against_its_schema(changes, message, tmp_path):
+    from lightning_defense.attacks.base import attack_of_victim
+    from lightning_defense.errors import UserInputError
+    from lightning_defense.victims import load_victim, read_victim_metadata
+
+    assert attack_of_victim(_altered_victim(tmp_path)).target == 1  # control: the unaltered file loads
+    with pytest.raises(UserInputError, match=message):
+        path = _altered_victim(tmp_path, **changes)
+        read_victim_metadata(path)
+        load_victim(path)
+        attack_of_victim(path)
+
+
+def test_mae_and_export_settings_are_checked(tmp_path):
+    from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae
+
+    mae = MaskedAutoencoder(image_size=8, patch_size=4, embed_dim=8, depth=1, num_heads=1, decoder_embed_dim=8,
+                            decoder_depth=1, decoder_num_heads=1)  # fmt: skip
+    path = save_mae(tmp_path / "mae.safetensors", mae)
+    assert load_mae(path).config == mae.config  # control
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    for config, message in (({**mae.config, "embed_dim": 2**40}, "beyond any sensible"), ([1], "not a mapping")):
+        save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config)})
+        with pytest.raises(UntrustedCheckpointError, match=message):
+            load_mae(path)

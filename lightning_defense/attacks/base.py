@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.safetensors_io import build_from_metadata
 
 LabelMode = Literal["all_to_one", "all_to_all"]
 
@@ -177,7 +178,7 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
         raise ConfigurationError(
             f"Unknown attack {class_path!r}; known attacks: {', '.join(sorted(c for c in known if '.' not in c))}."
         )
-    return known[class_path](**config.get("init_args", {}))
+    return build_from_metadata(known[class_path], config.get("init_args") or {}, "the attack config", "attack")
 
 
 def attack_of_victim(victim_file: str | Path) -> Attack | None:

@@ -19,10 +19,12 @@ import torch
 
 from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
-from lightning_defense.safetensors_io import read_safetensors, write_safetensors
+from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
 FORMAT = "lightning-defense-victim/1"
+#: more classes than any data set a victim is trained on (ImageNet-21k has 21,841)
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -36,13 +38,39 @@ class VictimMetadata:
     data: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # also a schema for metadata read from files (build_from_metadata turns these into one error)
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigurationError(f"arch must be an architecture name, not {self.arch!r}.")
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int):
+            raise ConfigurationError(f"num_classes must be an integer, not {self.num_classes!r}.")
+        if not 2 <= self.num_classes <= MAX_CLASSES:
+            raise ConfigurationError(f"num_classes must be in [2, {MAX_CLASSES:,}], not {self.num_classes:,}.")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not (
+                isinstance(values, Sequence)
+                and 1 <= len(values) <= 4
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+            ):
+                raise ConfigurationError(f"{name} must be 1 to 4 numbers, one a channel, not {values!r}.")
+        if any(v <= 0 for v in self.std):
+            raise ConfigurationError(f"std must be positive, not {list(self.std)!r}.")
+        for name in ("attack", "data"):
+            block = getattr(self, name)
+            if block is not None and not (isinstance(block, dict) and isinstance(block.get("class_path"), str)):
+                raise ConfigurationError(f"{name} must be null or a class_path/init_args mapping, not {block!r}.")
+        if not isinstance(self.extra, dict):
+            raise ConfigurationError(f"extra must be a mapping, not {self.extra!r}.")
+
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: json.dumps(v) for k, v in asdict(self).items()}}
 
     @classmethod
-    def from_strings(cls, strings: Mapping[str, str]) -> VictimMetadata:
-        names = cls.__dataclass_fields__
-        return cls(**{k: json.loads(v) for k, v in strings.items() if k in names})
+    def from_strings(cls, strings: Mapping[str, str], source: str = "the victim file") -> VictimMetadata:
+        """Metadata read from an untrusted file, checked against this schema (one error otherwise)."""
+        values = {key: metadata_json(strings, key, source) for key in strings if key != "format"}
+        return build_from_metadata(cls, values, source, "victim metadata")
 
 
 def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetadata) -> Path:
@@ -88,14 +116,15 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
         raise _missing(path)
     if path.suffix == ".safetensors":
         weights, strings = read_safetensors(path)
-        metadata = VictimMetadata.from_strings(strings) if strings.get("format") == FORMAT else None
+        metadata = VictimMetadata.from_strings(strings, repr(str(path))) if strings.get("format") == FORMAT else None
         return weights, metadata
     obj = load_weights(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
         prefix = "classifier."
         weights = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
         stored = obj.get("victim_metadata")
-        return weights, VictimMetadata(**stored) if stored else None
+        metadata = build_from_metadata(VictimMetadata, stored, repr(str(path)), "victim metadata") if stored else None
+        return weights, metadata
     if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return dict(obj), None
     raise UntrustedCheckpointError(

@@ -31,7 +31,13 @@ from torch import Tensor, nn
 
 from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import read_safetensors, write_safetensors
+from lightning_defense.safetensors_io import (
+    NETWORK_SETTING_LIMIT,
+    build_from_metadata,
+    metadata_json,
+    read_safetensors,
+    write_safetensors,
+)
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 
 MAE_FORMAT = "lightning-defense-mae/1"
@@ -378,10 +384,10 @@ def load_mae(path: str | Path) -> MaskedAutoencoder:
     else:
         tensors, metadata = _read_torch_file(path), {}
     if metadata.get("format") == MAE_FORMAT:
-        config = json.loads(metadata["config"])
+        config = metadata_json(metadata, "config", repr(str(path)))
     else:
         config = infer_mae_config(tensors, repr(str(path)))
-    mae = MaskedAutoencoder(**config)
+    mae = build_from_metadata(MaskedAutoencoder, config, repr(str(path)), "MAE", NETWORK_SETTING_LIMIT)
     # the official files carry no normalization buffers: the inferred ImageNet ones stay
     state = {"mean": mae.mean, "std": mae.std, **tensors}
     try:

@@ -18,7 +18,14 @@ import torch
 from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
 from lightning_defense.defenses.transform_net import BorderPerturbation, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import read_safetensors, sha256, write_safetensors
+from lightning_defense.safetensors_io import (
+    NETWORK_SETTING_LIMIT,
+    build_from_metadata,
+    metadata_json,
+    read_safetensors,
+    sha256,
+    write_safetensors,
+)
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"
@@ -66,7 +73,10 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
             f"{str(path)!r} holds a transformation {metadata['transform_class']!r} that this version does not know "
             f"({', '.join(TRANSFORMS)})."
         )
-    transform_net = transform_class(**json.loads(metadata["transform_net"]))
+    settings = metadata_json(metadata, "transform_net", repr(str(path)))
+    transform_net = build_from_metadata(
+        transform_class, settings, repr(str(path)), "transformation", NETWORK_SETTING_LIMIT
+    )
     transform_net.load_state_dict({k.removeprefix("transform_net."): v for k, v in tensors.items()})
     label_permutation = LabelPermutation(len(permutation))
     label_permutation.permutation.copy_(permutation)
