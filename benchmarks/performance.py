@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,7 @@ from lightning_defense.data.augmentation import BatchAugmentation, RefineAugment
 from lightning_defense.data.datasets import ImageTensorDataset, collate
 from lightning_defense.defenses.btidbf import BTIDBFPurification
 from lightning_defense.defenses.refine import REFINE
-from lightning_defense.hardware import auto_precision, cpu_bf16_instructions, is_half
+from lightning_defense.hardware import auto_precision, cpu_bf16_instructions, uses_channels_last
 from lightning_defense.victims import Classifier
 
 MODES = ("plain", "optimized")
@@ -81,8 +82,9 @@ class Setting:
             precision = auto_precision(device.type).precision if self.optimized else "32-true"
         self.precision = precision
         self.autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-        if channels_last is None:
-            channels_last = self.optimized and is_half(precision)
+        if channels_last is None:  # the layout `channels_last: auto` picks for this device and precision
+            trainer_like = SimpleNamespace(accelerator=device.type, precision=precision)
+            channels_last = self.optimized and uses_channels_last(trainer_like)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.augmentation = BatchAugmentation() if self.optimized else _PerImageAugmentation()
 
