@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
 from lightning_defense.checkpoint_io import AtomicCheckpointIO, load_weights
-from lightning_defense.errors import InputNotFoundError, UntrustedCheckpointError, UserInputError
+from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
 from lightning_defense.trainer import DefenseTrainer
 from lightning_defense.victims.victim_file import check_same_victim
@@ -167,7 +167,28 @@ class DefenseCLI(LightningCLI):
         if "weights_only" in config:
             config["weights_only"] = True
 
-    before_fit = before_validate = before_test = before_predict = _load_weights_only
+    def _check_learning_rates(self) -> None:
+        """A learning rate that is not positive trains nothing (or backwards): refused before fit,
+        with the option that sets it."""
+        rates = {
+            key: value
+            for key, value in _flatten(self.config_init[self.subcommand].get("optimizer"), "optimizer.").items()
+            if key.endswith("init_args.lr")
+        }
+        hparams = getattr(self.model, "hparams", {})
+        rates |= {f"model.init_args.{k}": v for k, v in hparams.items() if k == "lr" or k.endswith("_lr")}
+        bad = [f"{key}: {value}" for key, value in rates.items() if isinstance(value, int | float) and not value > 0]
+        if bad:
+            raise ConfigurationError(
+                f"Learning rates must be positive, got {'; '.join(bad)}. Set each to a value > 0 "
+                "(`--print_config` shows the defaults)."
+            )
+
+    def before_fit(self) -> None:
+        self._load_weights_only()
+        self._check_learning_rates()
+
+    before_validate = before_test = before_predict = _load_weights_only
 
 
 def main(args: list[str] | None = None) -> None:
