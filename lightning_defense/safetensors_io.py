@@ -6,12 +6,13 @@ import hashlib
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from lightning_defense.errors import UntrustedCheckpointError, UserInputError
@@ -20,14 +21,34 @@ T = TypeVar("T")
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
-    """Write atomically: a crash mid-write leaves any earlier file at ``path`` intact."""
+    """Write atomically (a crash mid-write leaves any earlier file at ``path`` intact), flushed to
+    disk, readable by others as any file the user writes (``0o666`` less the umask), and
+    byte-identical for identical tensors and metadata, so a file's SHA-256 can name it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(contiguous, str(partial), metadata=dict(metadata))
-    partial.replace(path)
+    try:
+        with partial.open("wb") as f:
+            f.write(_canonical_header(save(contiguous, metadata=dict(metadata))))
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        partial.chmod(0o666 & ~umask)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def _canonical_header(raw: bytes) -> bytes:
+    """The safetensors bytes with the JSON header's keys sorted: the library writes them in a hash
+    map's order, which differs from run to run (the data offsets do not depend on it)."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+    return len(header).to_bytes(8, "little") + header + raw[8 + size :]
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:

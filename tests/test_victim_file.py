@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,17 @@ def test_resnet18_has_a_cifar_stem():
 def test_unknown_architecture_lists_the_known_ones():
     with pytest.raises(ValueError, match="resnet18, preact_resnet18"):
         Classifier("resnet1000", 10)
+
+
+def test_victim_files_are_byte_identical_for_identical_content_and_readable_by_others(tmp_path):
+    import hashlib
+    import stat
+
+    _, first = make_victim(tmp_path / "a")
+    _, second = make_victim(tmp_path / "b")
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(first.stat().st_mode) == 0o666 & ~umask
+    assert read_victim_metadata(first).attack["init_args"]["target"] == 1  # still a valid victim file
+    assert not list(first.parent.glob("*.partial"))
