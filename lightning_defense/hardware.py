@@ -35,18 +35,25 @@ class PrecisionChoice:
     reason: str
 
 
+#: the CPU's bf16 instruction sets PyTorch's kernels use: name, torch's check, the kernel's flag
+BF16_INSTRUCTIONS = (
+    ("AVX-512 BF16", "_is_avx512_bf16_supported", "avx512_bf16"),
+    ("AMX", "_is_amx_tile_supported", "amx_bf16"),
+)
+
+
 def cpu_bf16_instructions() -> list[str]:
-    """The bf16 instruction sets of this CPU that PyTorch's kernels use: AVX-512 BF16 and AMX."""
-    found = []
-    checks = {"AVX-512 BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    """The names of this CPU's bf16 instruction sets (:data:`BF16_INSTRUCTIONS`); torch < 2.5 has
+    no checks of its own, so there the kernel's CPU flags are read."""
     flags = None
-    for name, function in checks.items():
+    found = []
+    for name, function, flag in BF16_INSTRUCTIONS:
         check = getattr(torch.cpu, function, None)
         if check is not None:
             supported = bool(check())
-        else:  # torch < 2.5 has no such check: read the kernel's CPU flags
+        else:
             flags = _cpu_flags() if flags is None else flags
-            supported = {"AVX-512 BF16": "avx512_bf16", "AMX": "amx_bf16"}[name] in flags
+            supported = flag in flags
         if supported:
             found.append(name)
     return found
@@ -164,10 +171,9 @@ def configure_threads(processes: int) -> ThreadChoice:
     choice is also exported as ``OMP_NUM_THREADS``, so processes this one starts (spawned DDP
     ranks, DataLoader workers) inherit it instead of starting a thread per core each.
     """
-    cores = available_cores()
     if os.environ.get("OMP_NUM_THREADS"):
-        threads = torch.get_num_threads()
-        return ThreadChoice(threads, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+        return ThreadChoice(torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    cores = available_cores()
     threads = threads_per_process(processes, cores)
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)

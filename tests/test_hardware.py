@@ -139,11 +139,10 @@ def test_modules_take_the_layout_of_the_trainer(channels_last, tmp_path):
         module.setup("validate")
     forced_weight = next(p for p in forced.classifier.parameters() if p.dim() == 4)
     assert forced_weight.is_contiguous(memory_format=torch.channels_last) is not channels_last
-    nhwc = channels_last
     for network in (defense.model, victim.classifier):
         weight = next(p for p in network.parameters() if p.dim() == 4)
-        assert weight.is_contiguous(memory_format=torch.channels_last) is nhwc
-        assert weight.is_contiguous() is not nhwc
+        assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+        assert weight.is_contiguous() is not channels_last
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ class VictimTrainer(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std))
-        #: NHWC layout, chosen from the Trainer's precision in `setup` (:mod:`lightning_defense.hardware`)
+        #: NHWC layout: ``channels_last`` if given, else the Trainer's, decided in `setup`
         self.channels_last = False
         self.val_metrics = BackdoorMetrics(num_classes, "val")
         self.test_metrics = BackdoorMetrics(num_classes, "test")
