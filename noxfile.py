@@ -17,8 +17,6 @@ def tests(session: nox.Session) -> None:
 
 #: the floors of pyproject.toml for the packages the trust boundary relies on (.ci/lowest.txt)
 LOWEST = [line for line in Path(".ci/lowest.txt").read_text().splitlines() if line and not line.startswith("#")]
-#: the tests of the trust boundary and of the CLI's error handling
-SECURITY_TESTS = ["tests/test_trust.py", "tests/test_victim_file.py", "tests/test_fault_tolerance.py"]
 
 
 @nox.session
@@ -26,7 +24,7 @@ def lowest(session: nox.Session) -> None:
     """The security tests on the lowest versions pyproject.toml allows."""
     session.install(*TORCH)
     session.install("-e", ".[test]", *LOWEST)
-    session.run("pytest", "-q", *SECURITY_TESTS, *session.posargs, env={"OMP_NUM_THREADS": "2"})
+    session.run("pytest", "-q", "-m", "trust_boundary", *session.posargs, env={"OMP_NUM_THREADS": "2"})
 
 
 @nox.session

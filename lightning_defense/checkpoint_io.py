@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.error import URLError
@@ -34,6 +35,16 @@ def check_torch_version(version: str | None = None) -> None:
             f"(CVE-2025-32434, CVE-2026-24747), so lightning-defense reads no torch file with it. "
             f"Upgrade: pip install 'torch>={floor}' (with its matching torchvision)."
         )
+
+
+def imported_object(path: object) -> object | None:
+    """What a dotted path read from a file names among the modules already imported, or None:
+    a path from an untrusted file never imports anything (contract 3)."""
+    if not isinstance(path, str):
+        return None
+    module, _, name = path.rpartition(".")
+    # vars(), not getattr: a module's __getattr__ could import
+    return vars(sys.modules[module]).get(name) if module in sys.modules else None
 
 
 def _is_url(path: object) -> bool:

@@ -27,9 +27,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
-from lightning_defense.checkpoint_io import AtomicCheckpointIO, load_weights
+from lightning_defense.checkpoint_io import AtomicCheckpointIO, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
+from lightning_defense.run_folder import (
+    KeepConfigCallback,
+    check_fresh_folder,
+    check_writable,
+    no_logger_run_dir,
+    resolve_last_checkpoint,
+)
 from lightning_defense.trainer import DefenseTrainer
 from lightning_defense.victims.victim_file import check_same_victim
 
@@ -59,13 +66,8 @@ def _names_class(recorded: str, configured: str | None) -> bool:
         return False
     if recorded == configured:
         return True
-
-    def loaded(path: str) -> object:  # vars(), not getattr: a module's __getattr__ could import
-        module, _, name = path.rpartition(".")
-        return vars(sys.modules[module]).get(name) if module in sys.modules else None
-
-    target = loaded(configured)
-    return target is not None and loaded(recorded) is target
+    target = imported_object(configured)
+    return target is not None and imported_object(recorded) is target
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -92,6 +94,12 @@ class DefenseCLI(LightningCLI):
         for default in (StopOnNonFiniteLoss, RandomStateCheckpoint):
             if not any(isinstance(c, default) for c in given):
                 callbacks = [*callbacks, default()]
+        callbacks = self._checkpoint_callback(config, given, callbacks)
+        if config.get("logger") in (False, []) and config.get("default_root_dir") is None:
+            # Lightning would write config.yaml and checkpoints/ into the working directory
+            self._no_logger_dir = getattr(self, "_no_logger_dir", None) or no_logger_run_dir()
+            config = {**config, "default_root_dir": str(self._no_logger_dir)}
+            rank_zero_info(f"No logger: the run's files go to {self._no_logger_dir}.")
         # added here, not as a trainer default: a default instance would not survive --print_config,
         # and a config's own `plugins` would silently drop it
         plugins = config.get("plugins") or []
@@ -109,6 +117,46 @@ class DefenseCLI(LightningCLI):
         if threads.warning:
             rank_zero_warn(threads.warning)
         return trainer
+
+    @staticmethod
+    def _checkpoint_callback(
+        config: dict[str, Any], given: list[Callback], callbacks: list[Callback]
+    ) -> list[Callback]:
+        """Add a ModelCheckpoint that writes ``last.ckpt`` after every training epoch (also in configs
+        that validate every n epochs: Lightning would save only after validation, and an interruption
+        could lose n epochs), unless the config brings its own or turns checkpointing off. Added
+        here, not as a trainer default, because a config's own `callbacks` list replaces defaults."""
+        own = any(isinstance(c, ModelCheckpoint) for c in given)
+        if config.get("enable_checkpointing") is False:
+            if own:
+                raise ConfigurationError(
+                    "trainer.enable_checkpointing is false but trainer.callbacks holds a ModelCheckpoint: "
+                    "remove one of the two."
+                )
+            rank_zero_warn(
+                "enable_checkpointing: false: no checkpoint is written, an interrupted run cannot be resumed."
+            )
+            return callbacks
+        if own:
+            return callbacks
+        return [*callbacks, ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)]
+
+    def _prepare_run_folder(self, fit: bool) -> None:
+        """Resolve ``--ckpt_path last`` across the run name's version folders; check that the run
+        folder can be written and that a fit does not write into another run's checkpoints."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            found = resolve_last_checkpoint(self.trainer)
+            if found is not None:
+                rank_zero_info(f"--ckpt_path last: resuming from {found}.")
+                self.config[self.subcommand]["ckpt_path"] = ckpt_path = str(found)
+                # as for a path given by hand: the checkpoint's model settings, then the classes anew
+                self._parse_ckpt_path()
+                self._set_seed()
+                self.instantiate_classes()
+        check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        if fit:
+            check_fresh_folder(self.trainer, ckpt_path)
 
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint before Lightning reads it, take the model's settings from it as
@@ -187,8 +235,13 @@ class DefenseCLI(LightningCLI):
     def before_fit(self) -> None:
         self._load_weights_only()
         self._check_learning_rates()
+        self._prepare_run_folder(fit=True)
 
-    before_validate = before_test = before_predict = _load_weights_only
+    def _before_evaluation(self) -> None:
+        self._load_weights_only()
+        self._prepare_run_folder(fit=False)
+
+    before_validate = before_test = before_predict = _before_evaluation
 
 
 def main(args: list[str] | None = None) -> None:
@@ -261,6 +314,12 @@ def _user_error(err: BaseException | None) -> UserInputError | None:
                 "disk (trainer.logger.init_args.save_dir); checkpoints are written atomically, so the last "
                 "complete one is intact: resume from it with --ckpt_path."
             )
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = f" {err.filename}" if err.filename else ""
+            return UserInputError(
+                f"Cannot access{where}: {err.strerror}. Give the run a folder it may write (the logger's "
+                "save_dir, or trainer.default_root_dir without a logger) and data it may read."
+            )
         if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
             detail = " ".join(line.strip() for line in str(err).splitlines()[1:3] if line.strip())[:400]
             return UserInputError(
@@ -291,12 +350,9 @@ def build_cli(args: list[str] | None, run: bool = True) -> DefenseCLI:
         subclass_mode_data=True,
         trainer_class=DefenseTrainer,
         seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=KeepConfigCallback,
         parser_kwargs={"exit_on_error": False},  # main() prints config errors without the usage wall
         trainer_defaults={
-            # every training epoch, also in configs that validate every n epochs (Lightning would then
-            # save only after validation, and an interruption could lose n epochs)
-            "callbacks": [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
         },
         args=args,

@@ -15,6 +15,10 @@ class InputNotFoundError(UserInputError, FileNotFoundError):
     """A data folder or file that is not where the configuration says."""
 
 
+class DataError(UserInputError, ValueError):
+    """A data file that is not what its name says (a damaged or non-image file in an image folder)."""
+
+
 class UntrustedCheckpointError(UserInputError, ValueError):
     """A checkpoint that is not a plain weights file, or is damaged (contract 3)."""
 
@@ -30,3 +34,10 @@ def check_class_count(datamodule: object, num_classes: int, owner: str, fix: str
             f"Class-count mismatch: {owner} has {num_classes} classes but {type(datamodule).__name__} "
             f"has {declared}. {fix.format(declared=declared)}"
         )
+
+
+def check_non_negative(owner: str, fix: str = "", **values: float | None) -> None:
+    """Refuse settings that cannot be below zero (distances, weights, noise levels), naming each."""
+    bad = [f"{name} = {value}" for name, value in values.items() if value is not None and not value >= 0]
+    if bad:
+        raise ConfigurationError(f"{owner}: {', '.join(bad)} must be >= 0. {fix}".rstrip())

@@ -16,6 +16,9 @@ from lightning_defense.cli import _user_error, config_error_message
 from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
 from lightning_defense.errors import ConfigurationError
 
+#: run again on the lowest versions pyproject.toml allows (`nox -s lowest`, .ci/run)
+pytestmark = pytest.mark.trust_boundary
+
 
 def tiny_config(tmp_path: Path, **model_args) -> Path:
     config = {

@@ -94,6 +94,7 @@ def test_the_trainer_resolves_auto_and_an_explicit_precision_wins(cpu, capsys):
 def test_the_cli_prints_its_choice_and_the_command_line_overrides_the_config(cpu, tmp_path, monkeypatch, caplog):
     cpu("avx512_bf16")
     monkeypatch.setattr(sys, "argv", ["lightning"])
+    monkeypatch.chdir(tmp_path)  # without a logger the run's folder is made under ./runs
     config = tmp_path / "auto.yaml"
     config.write_text("trainer:\n  precision: auto\n  logger: false\n")
     model = ["--model", "lightning.pytorch.demos.boring_classes.BoringModel"]

@@ -19,6 +19,9 @@ from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.cli import DefenseCLI, main
 from lightning_defense.errors import UntrustedCheckpointError
 
+#: run again on the lowest versions pyproject.toml allows (`nox -s lowest`, .ci/run)
+pytestmark = pytest.mark.trust_boundary
+
 
 @pytest.fixture
 def trained(tmp_path):

@@ -17,6 +17,9 @@ from lightning_defense.victims import (
     save_victim,
 )
 
+#: run again on the lowest versions pyproject.toml allows (`nox -s lowest`, .ci/run)
+pytestmark = pytest.mark.trust_boundary
+
 
 def make_victim(tmp_path: Path) -> tuple[Classifier, Path]:
     torch.manual_seed(0)

@@ -278,7 +278,7 @@ class DefenseDataModule(InMemoryDataModule):
         """A victim meets only images of the size it was trained on (its network would accept
         others and answer nonsense)."""
         metadata = read_victim_metadata(self.victim) if self.victim is not None else None
-        trained = (metadata.data or {}).get("image_size") if metadata is not None else None
+        trained = metadata.image_size() if metadata is not None else None
         if trained is not None and tuple(trained) != tuple(self.source.image_size):
             raise ConfigurationError(
                 f"Victim {self.victim!r} was trained on {trained[0]}x{trained[1]} images but "

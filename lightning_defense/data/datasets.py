@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from rich.progress import track
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.errors import ConfigurationError, DataError, InputNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 
@@ -81,11 +83,31 @@ def collate(batch: tuple[Tensor, ...] | list) -> tuple[Tensor, ...]:
     return batch if isinstance(batch, tuple) else default_collate(batch)
 
 
+def _decode(file: Path) -> Tensor:
+    """uint8 RGB CHW; PIL for the formats torchvision's decoders lack (BMP, PPM)."""
+    if file.suffix.lower() in (".bmp", ".ppm"):
+        with Image.open(file) as image:
+            return TF.pil_to_tensor(image.convert("RGB"))
+    return decode_image(str(file), mode=ImageReadMode.RGB)
+
+
+def _decode_reason(err: BaseException) -> str:
+    reason = re.sub(r"^.*?\.cpp:\d+, ", "", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return reason.split(". ")[0][:160]
+
+
 def decode_files(files: Sequence[Path], size: tuple[int, int] | None = None, description: str = "Decoding") -> Tensor:
     """Decode image files to one uint8 NCHW tensor, resizing to ``size`` when they differ."""
     images = []
     for file in track(files, description=description, transient=True, disable=len(files) < 2000):
-        image = decode_image(str(file), mode=ImageReadMode.RGB)
+        try:
+            image = _decode(file)
+        # the decoders' messages do not name the file
+        except (RuntimeError, OSError, Image.DecompressionBombError) as err:
+            raise DataError(
+                f"{file} is not a readable image ({_decode_reason(err)}). Remove it from the data "
+                "folder or replace it with an intact copy."
+            ) from err
         if size is not None and tuple(image.shape[-2:]) != tuple(size):
             image = TF.resize(image, list(size), antialias=True)
         images.append(image)

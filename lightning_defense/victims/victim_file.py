@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_defense.checkpoint_io import load_weights
+from lightning_defense.checkpoint_io import imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -60,8 +60,26 @@ class VictimMetadata:
             block = getattr(self, name)
             if block is not None and not (isinstance(block, dict) and isinstance(block.get("class_path"), str)):
                 raise ConfigurationError(f"{name} must be null or a class_path/init_args mapping, not {block!r}.")
+        if self.data is not None and "image_size" in self.data and self.image_size() is None:
+            raise ConfigurationError(f"data.image_size must be two positive integers, not {self.data['image_size']!r}.")
         if not isinstance(self.extra, dict):
             raise ConfigurationError(f"extra must be a mapping, not {self.extra!r}.")
+
+    def image_size(self) -> tuple[int, int] | None:
+        """The size of the images the victim was trained on: recorded with its data, or for files
+        that predate the record, the fixed size of the recorded DataModule class (looked up among
+        imported classes only). None when unknown."""
+        data = self.data or {}
+        size = data.get("image_size")
+        if size is None:
+            size = getattr(imported_object(data.get("class_path")), "image_size", None)
+        if (
+            isinstance(size, list | tuple)
+            and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            return int(size[0]), int(size[1])
+        return None
 
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: json.dumps(v) for k, v in asdict(self).items()}}

@@ -198,6 +198,8 @@ class BTIDBF(DefenseModule):
     def configure_callbacks(self) -> list[Callback]:
         """``last.ckpt`` every few training epochs (the CLI's default checkpoint is replaced), so an
         interruption loses at most ``checkpoint_every_n_epochs`` epochs of any phase."""
+        if not self.trainer.checkpoint_callbacks:
+            return []  # enable_checkpointing: false
         # the largest period up to the setting that divides the run, so that the final epoch is saved too
         total = self.schedule.total_epochs
         every = max(n for n in range(1, max(1, self.hparams.checkpoint_every_n_epochs) + 1) if total % n == 0)

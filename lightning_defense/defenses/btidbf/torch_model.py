@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_defense.defenses.transform_net import TransformNet
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
 
 PhaseName = Literal["pretrain", "mask", "generator", "detect", "defense"]
@@ -259,6 +259,16 @@ class TriggerInversion(nn.Module):
         super().__init__()
         if not 0 < poison_fraction <= 1:
             raise ConfigurationError(f"poison_fraction must be in (0, 1], got {poison_fraction}.")
+        # a negative distance bound puts every G(x) outside it: G only learns to copy x, silently
+        check_non_negative(
+            "BTI-DBF",
+            "The bounds are distances (official: input_bound 0.3, feature_bound 3, pretrain_input_bound 0.1).",
+            input_bound=input_bound,
+            feature_bound=feature_bound,
+            pretrain_input_bound=pretrain_input_bound,
+            benign_weight=benign_weight,
+            vote_noise=vote_noise,
+        )
         self.victim = victim.freeze()
         self.generator = generator
         with torch.no_grad():
@@ -395,6 +405,12 @@ class Purification(TriggerInversion):
         **kwargs: Any,
     ) -> None:
         super().__init__(victim, generator, **kwargs)
+        check_non_negative(
+            "BTI-DBF (P)",
+            input_weight=input_weight,
+            purifier_noise=purifier_noise,
+            input_bound_purifier=input_bound_purifier,
+        )
         self.purifier = purifier
         self.input_weight = input_weight
         self.generated_batch = generated_batch
