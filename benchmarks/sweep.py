@@ -37,6 +37,7 @@ from pathlib import Path
 import yaml
 from machine_info import machine
 
+from lightning_defense.evaluation import LABELS, REPORTED
 from lightning_defense.hardware import worker_environment
 from lightning_defense.study import run_logged, summarize
 
@@ -53,8 +54,12 @@ def command(base: list[str], extra: list[str], out: Path, name: str, subcommand:
 
 
 def table(results: list[dict]) -> str:
-    keys = ["val/victim_ba", "val/victim_asr", "val/ba", "val/asr", "val/ra"]
-    header = "| row | epochs | wall | victim BA % | victim ASR % | BA % | ASR % | RA % | best BA % (after epoch) |"
+    keys = ["val/victim_ba", "val/victim_asr", *(f"val/{m}" for m in REPORTED), "val/inner_asr_any"]
+    header = (
+        "| row | epochs | wall | victim BA % | victim ASR % | "
+        + " | ".join(f"{LABELS[m]} %" for m in REPORTED)
+        + " | ASR-any behind the map % | best BA % (after epoch) |"
+    )
     # trigger-inversion defenses (BTI-DBF) also report the detected target, detection and phase times
     detection = any("val/dsr" in r["last"] for r in results)
     if detection:

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.evaluation import LABELS, REPORTED
 from lightning_defense.hardware import worker_environment
 
 
@@ -215,7 +216,7 @@ class Study:
         return results
 
 
-METRICS = ("val/ba", "val/asr", "val/ra", "val/victim_ba", "val/victim_asr", "val/victim_ra")
+METRICS = (*(f"val/{m}" for m in REPORTED), *(f"val/victim_{m}" for m in REPORTED))
 
 
 def write_results(results: list[dict[str, Any]], out: Path) -> None:
@@ -237,11 +238,13 @@ def write_results(results: list[dict[str, Any]], out: Path) -> None:
 def _cell_text(result: dict[str, Any] | None) -> str:
     if result is None or "val/ba" not in result["last"]:
         return "–"
-    return f"{100 * result['last']['val/ba']:.2f} / {100 * result['last']['val/asr']:.2f}"
+    return " / ".join(
+        f"{100 * result['last'][f'val/{m}']:.2f}" if f"val/{m}" in result["last"] else "–" for m in REPORTED
+    )
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    """Rows: kinds of auxiliary data; columns: defense (and GIC); cells: BA % / ASR %."""
+    """Rows: kinds of auxiliary data; columns: defense (and GIC); cells: BA / ASR / RA / ASR-any %."""
     by_key = {(r["defense"], r["aux"], r["gic"]): r for r in results}
     columns = list(dict.fromkeys((r["defense"], r["gic"]) for r in results))
     names = [f"{d} + GIC" if g else d for d, g in columns]
@@ -251,8 +254,11 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     victim = next((r["last"] for r in results if "val/victim_ba" in r["last"]), None)
     if victim:
         lines.append(
-            f"\nBA % / ASR % of the defended model; the victim: BA {100 * victim['val/victim_ba']:.2f} / "
-            f"ASR {100 * victim['val/victim_asr']:.2f}."
+            f"\n{' / '.join(LABELS[m] for m in REPORTED)} % of the defended model; the victim: "
+            + " / ".join(
+                f"{LABELS[m]} {100 * victim[f'val/victim_{m}']:.2f}" for m in REPORTED if f"val/victim_{m}" in victim
+            )
+            + "."
         )
     return "\n".join(lines)
 
@@ -268,10 +274,13 @@ def plot_results(results: list[dict[str, Any]], path: Path) -> None:
     auxes = list(dict.fromkeys(r["aux"] for r in results))
     settings = sorted({r["gic"] for r in results})
     by_key = {(r["defense"], r["aux"], r["gic"]): r for r in results}
-    figure, axes = plt.subplots(2, len(defenses), figsize=(4.5 * len(defenses), 6.5), squeeze=False, sharey="row")
+    rows = [(f"val/{m}", f"{LABELS[m]} %") for m in REPORTED]
+    figure, axes = plt.subplots(
+        len(rows), len(defenses), figsize=(4.5 * len(defenses), 3.25 * len(rows)), squeeze=False, sharey="row"
+    )
     width = 0.8 / len(settings)
     for col, defense in enumerate(defenses):
-        for row, (metric, title) in enumerate((("val/ba", "BA %"), ("val/asr", "ASR %"))):
+        for row, (metric, title) in enumerate(rows):
             ax = axes[row][col]
             for i, gic in enumerate(settings):
                 heights = [

@@ -47,6 +47,61 @@ def test_robust_accuracy_counts_poisoned_images_put_in_their_true_class():
     assert set(other.logged) == {"val/asr", "val/ba"}
 
 
+def test_asr_any_counts_a_backdoor_moved_to_another_class():
+    """A label map that sends every poisoned image to class 3 instead of the target 0: ASR reads 0,
+    ASR-any 100%; a removed backdoor leaves only the clean errors' largest class share."""
+    true = torch.tensor([1, 2, 1, 2, 1, 2, 1, 2, 1, 2])
+    moved, module = BackdoorMetrics(4, "val"), _Recorder()
+    moved.update(module, one_hot_logits([3] * 10), torch.zeros(10, dtype=torch.long), 1, true_labels=true)
+    assert module.logged["val/asr"].compute().item() == 0
+    assert module.logged["val/asr_any"].compute().item() == pytest.approx(1.0)
+    assert module.logged["val/ra"].compute().item() == 0
+    # removed: 7 right, errors into 0 (the target), 3, 3: the largest share is class 3's 2 of 10
+    removed, module = BackdoorMetrics(4, "val"), _Recorder()
+    predictions = one_hot_logits([1, 2, 1, 2, 1, 2, 1, 0, 3, 3])
+    removed.update(module, predictions, torch.zeros(10, dtype=torch.long), 1, true_labels=true)
+    assert module.logged["val/asr_any"].compute().item() == pytest.approx(2 / 10)
+    assert module.logged["val/ra"].compute().item() == pytest.approx(7 / 10)
+    # an image put in its own class counts for no class, even when that class is where others go
+    own, module = BackdoorMetrics(4, "val"), _Recorder()
+    own.update(
+        module, one_hot_logits([1, 1, 1]), torch.zeros(3, dtype=torch.long), 1, true_labels=torch.tensor([1, 2, 2])
+    )
+    assert module.logged["val/asr_any"].compute().item() == pytest.approx(2 / 3)
+
+
+def test_the_victim_behind_an_identity_transform_is_the_victim(tmp_path):
+    """REFINE's inner metrics (the victim's answer on T(x), before the map) equal the victim's own
+    ASR and ASR-any when T is the identity, whatever the permutation does to the defended output."""
+    from lightning_defense.attacks import BadNets
+    from lightning_defense.defenses import REFINE
+    from lightning_defense.victims import Classifier
+    from lightning_defense.victims.victim_file import VictimMetadata, save_victim
+
+    torch.manual_seed(0)
+    path = save_victim(
+        tmp_path / "v.safetensors",
+        Classifier("resnet20", 10),
+        VictimMetadata("resnet20", 10, attack=BadNets().config()),
+    )
+    module = REFINE(str(path), encoder_depth=3, decoder_channels=[16, 8, 4])
+    module.model.transform_net = torch.nn.Identity()
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    images = torch.rand(32, 3, 32, 32)
+    with torch.no_grad():
+        answers = module.victim(images).argmax(1)
+    target = int(answers.mode().values)  # the victim's most common answer: a nonzero ASR
+    true = (answers + 1 + torch.arange(32) % 9) % 10  # true classes the victim misses...
+    true[:4] = answers[:4]  # ...but for four, which count for no class
+    with torch.no_grad():
+        module._evaluate((images, torch.full((32,), target), true), 1, "val")
+    for name in ("asr", "asr_any"):
+        inner, victim = logged[f"val/inner_{name}"].compute(), logged[f"val/victim_{name}"].compute()
+        assert inner.item() == pytest.approx(victim.item()) and victim.item() > 0
+    assert logged["val/asr"].compute().item() != pytest.approx(logged["val/victim_asr"].compute().item())
+
+
 def test_prefix_names_the_undefended_victim():
     metrics = BackdoorMetrics(4, "test", prefix="victim_")
     assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_defense.errors import check_class_count
-from lightning_defense.evaluation import BackdoorMetrics, split_batch
+from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.victims import Classifier
 from lightning_defense.victims.victim_file import check_same_victim
@@ -27,8 +27,10 @@ class DefenseModule(LightningModule):
     Subclasses build :attr:`model`, the defended model in plain torch, around a victim from
     :func:`~lightning_defense.victims.load_victim` that it keeps as ``model.victim``; ``forward``
     is the defended model (subclasses override these two where theirs differ). Validation and test log
-    ``{val,test}/ba``, ``/asr`` and ``/ra`` for the defended model and ``/victim_ba``, ``/victim_asr``,
-    ``/victim_ra`` for the undefended victim on the same batches.
+    ``{val,test}/ba``, ``/asr``, ``/ra`` and ``/asr_any`` for the defended model and the same with
+    ``victim_`` for the undefended victim on the same batches; a model with an output map
+    (``model.behind_map(images)``: the victim's logits before the map) also logs ``inner_asr`` and
+    ``inner_asr_any`` (:mod:`lightning_defense.evaluation` defines them all).
     """
 
     def __init__(self, num_classes: int) -> None:
@@ -37,6 +39,9 @@ class DefenseModule(LightningModule):
         self.test_metrics = BackdoorMetrics(num_classes, "test")
         self.val_victim_metrics = BackdoorMetrics(num_classes, "val", prefix="victim_")
         self.test_victim_metrics = BackdoorMetrics(num_classes, "test", prefix="victim_")
+        # the victim behind an output map (models with ``behind_map``: REFINE, T-MR), poisoned set only
+        self.val_inner_metrics = BackdoorMetrics(num_classes, "val", prefix="inner_")
+        self.test_inner_metrics = BackdoorMetrics(num_classes, "test", prefix="inner_")
 
     #: the defended model in plain torch, built by the subclass; it holds the frozen victim as ``victim``
     model: nn.Module
@@ -68,6 +73,10 @@ class DefenseModule(LightningModule):
         defended, victim = self(images), self.victim(images)
         getattr(self, f"{stage}_metrics").update(self, defended, labels, dataloader_idx, true)
         getattr(self, f"{stage}_victim_metrics").update(self, victim, labels, dataloader_idx, true)
+        behind_map = getattr(self.model, "behind_map", None)
+        if behind_map is not None and dataloader_idx == 1 and true is not None:
+            # does the trigger still fire through the transform, whatever the map then does with it?
+            getattr(self, f"{stage}_inner_metrics").update_poisoned(self, behind_map(images), labels, true)
         return defended, victim
 
     def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -82,10 +91,10 @@ class DefenseModule(LightningModule):
         metrics = self.trainer.callback_metrics
 
         def line(model: BackdoorMetrics) -> str | None:
-            values = {name: metrics.get(model.key(name)) for name in ("ba", "asr", "ra")}
+            values = {name: metrics.get(model.key(name)) for name in REPORTED}
             if values["ba"] is None or values["asr"] is None:
                 return None
-            return " / ".join(f"{name.upper()} {100 * float(v):.2f}%" for name, v in values.items() if v is not None)
+            return " / ".join(f"{LABELS[name]} {100 * float(v):.2f}%" for name, v in values.items() if v is not None)
 
         victim, defended = line(getattr(self, f"{stage}_victim_metrics")), line(getattr(self, f"{stage}_metrics"))
         return f"victim {victim}  ->  defended {defended}" if victim and defended else None

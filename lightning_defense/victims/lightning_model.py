@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import check_class_count
-from lightning_defense.evaluation import BackdoorMetrics, split_batch
+from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
@@ -129,8 +129,6 @@ class VictimTrainer(LightningModule):
         path = self.export_victim(folder / self.hparams.export_name)
         metrics = self.trainer.callback_metrics
         summary = ", ".join(
-            f"{name.split('/')[1].upper()} {float(metrics[name]):.2%}"
-            for name in ("val/ba", "val/asr", "val/ra")
-            if name in metrics
+            f"{LABELS[name]} {float(metrics[f'val/{name}']):.2%}" for name in REPORTED if f"val/{name}" in metrics
         )
         rank_zero_info(f"Victim written to {path}" + (f" ({summary} on the last validation)" if summary else ""))

@@ -139,8 +139,12 @@ class Refine(nn.Module):
         never used."""
         return self.victim(images)
 
+    def behind_map(self, images: Tensor) -> Tensor:
+        """F(T(x)): the victim's logits on the transformed images, before the label map M."""
+        return self.victim(self.transform_net(images))
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.label_permutation(self.victim(self.transform_net(images)))
+        return self.label_permutation(self.behind_map(images))
 
     def loss(
         self,
