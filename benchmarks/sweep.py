@@ -19,7 +19,9 @@ A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``va
 test-time defenses that train nothing (BDMAE); one row may name its own, as a mapping
 ``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table.
 Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run again,
-so an interrupted sweep continues where it stopped. ``--summary-only`` runs nothing and
+so an interrupted sweep continues where it stopped. ``--seeds 0 1 2`` runs every row once per
+seed (``<row>_seed<k>``, ``--seed_everything k``) and adds a ``mean ± std`` line per row to the
+table; a row for another attack target is a row with another victim file. ``--summary-only`` runs nothing and
 tabulates the rows already under ``--out`` (those with a ``runs/<name>/`` folder), for a sweep
 that was interrupted or whose rows were run one ``--only`` at a time.
 """
@@ -34,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 import yaml
 from machine_info import machine
 
@@ -51,6 +54,24 @@ def command(base: list[str], extra: list[str], out: Path, name: str, subcommand:
     configs = [arg for config in base for arg in ("--config", config)]
     logger = ["--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name", name]
     return ["lightning", subcommand, *configs, *extra, *logger]
+
+
+def row_commands(
+    spec: dict, extra: list[str], out: Path, only: list[str] | None = None, seeds: list[int] | None = None
+) -> dict[str, list[str]]:
+    """The command of every run: a row per variant (``only`` these), once per seed when ``seeds``."""
+    commands = {}
+    for name, value in spec["variants"].items():
+        if only and name not in only:
+            continue
+        row = value if isinstance(value, dict) else {"args": value}
+        subcommand = row.get("subcommand", spec.get("subcommand", "fit"))
+        row_args = flatten(row.get("args") or []) + extra
+        for seed in seeds or [None]:
+            run = name if seed is None else f"{name}_seed{seed}"
+            seeded = row_args if seed is None else [*row_args, "--seed_everything", str(seed)]
+            commands[run] = command(spec["base"], seeded, out, run, subcommand)
+    return commands
 
 
 def table(results: list[dict]) -> str:
@@ -79,6 +100,30 @@ def table(results: list[dict]) -> str:
             times = " / ".join(f"{phases[p] / 60:.1f}" for p in order if p in phases)
             line += f" {target} | {f1} | {times or '–'} |"
         lines.append(line)
+    return "\n".join(lines)
+
+
+def seed_rows(results: list[dict]) -> str:
+    """``mean ± std`` (sample std) over the seeds of each row, for the metrics of :func:`table`."""
+    keys = ["val/victim_ba", "val/victim_asr", *(f"val/{m}" for m in REPORTED), "val/inner_asr_any"]
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        base, _, seed = r["name"].rpartition("_seed")
+        if base and seed.isdigit():
+            groups.setdefault(base, []).append(r)
+    header = "| row (seeds) | " + " | ".join(k.removeprefix("val/") + " %" for k in keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 1)]
+    for base, runs in groups.items():
+        cells = []
+        for key in keys:
+            values = torch.tensor([100 * r["last"][key] for r in runs if key in r["last"]], dtype=torch.float64)
+            if len(values) == 0:
+                cells.append("–")
+            else:
+                spread = f" ± {values.std().item():.2f}" if len(values) > 1 else ""
+                cells.append(f"{values.mean().item():.2f}{spread}")
+        seeds_run = sorted(int(r["name"].rpartition("_seed")[2]) for r in runs)
+        lines.append(f"| {base} ({', '.join(map(str, seeds_run))}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -115,6 +160,7 @@ def main() -> None:
         help="OMP_NUM_THREADS per run (0: the caller's if set, else the cores divided between the jobs)",
     )
     parser.add_argument("--only", nargs="*", help="run just these rows")
+    parser.add_argument("--seeds", type=int, nargs="*", help="run every row once per seed (mean ± std in the table)")
     parser.add_argument("--summary-only", action="store_true", help="run nothing: tabulate the rows already in --out")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -122,14 +168,7 @@ def main() -> None:
     extra = argv[split + 1 :]  # after `--`: arguments for every run
 
     spec = yaml.safe_load(args.variants.read_text())
-    default_subcommand = spec.get("subcommand", "fit")
-    commands = {}
-    for name, value in spec["variants"].items():
-        if args.only and name not in args.only:
-            continue
-        row = value if isinstance(value, dict) else {"args": value}
-        subcommand = row.get("subcommand", default_subcommand)
-        commands[name] = command(spec["base"], flatten(row.get("args") or []) + extra, args.out, name, subcommand)
+    commands = row_commands(spec, extra, args.out, args.only, args.seeds)
     if args.summary_only:
         commands = {name: cmd for name, cmd in commands.items() if (args.out / "runs" / name).is_dir()}
         if not commands:
@@ -154,6 +193,8 @@ def main() -> None:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     markdown = table(results)
+    if args.seeds:
+        markdown += "\n\n" + seed_rows(results)
     (args.out / "summary.md").write_text(markdown + "\n")
     plot(results, args.out / "ba_asr.png")
     print(markdown)
