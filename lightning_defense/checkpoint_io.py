@@ -47,6 +47,23 @@ def imported_object(path: object) -> object | None:
     return vars(sys.modules[module]).get(name) if module in sys.modules else None
 
 
+def check_checkpoint(checkpoint: Any, path: object) -> None:
+    """A Lightning checkpoint to restore: a mapping with a ``state_dict`` of named tensors, all
+    finite (weights of a diverged run would evaluate as nonsense that reads like a result)."""
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())):
+        raise UntrustedCheckpointError(
+            f"Checkpoint {str(path)!r} has no state_dict of named tensors: it is not a Lightning checkpoint of "
+            "lightning-defense. A victim or export .safetensors file goes in model.init_args.victim instead."
+        )
+    broken = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise UntrustedCheckpointError(
+            f"Checkpoint {str(path)!r} holds non-finite weights ({', '.join(broken[:3])}): the run that wrote it "
+            "diverged. Resume from an earlier checkpoint, or start over with a lower learning rate."
+        )
+
+
 def _is_url(path: object) -> bool:
     return str(path).startswith(("http://", "https://"))
 
@@ -112,4 +129,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not _is_url(path) and not get_filesystem(path).exists(str(path)):
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_weights(path, map_location="cpu" if map_location is None else map_location)
+        checkpoint = load_weights(path, map_location="cpu" if map_location is None else map_location)
+        check_checkpoint(checkpoint, path)
+        return checkpoint

@@ -24,17 +24,20 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
-from lightning_defense.checkpoint_io import AtomicCheckpointIO, imported_object, load_weights
+from lightning_defense.checkpoint_io import AtomicCheckpointIO, check_checkpoint, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
 from lightning_defense.run_folder import (
     KeepConfigCallback,
     check_fresh_folder,
     check_writable,
+    claim_run_folder,
     no_logger_run_dir,
+    release_run_folders,
     resolve_last_checkpoint,
 )
 from lightning_defense.trainer import DefenseTrainer
@@ -47,10 +50,21 @@ SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")
 def check_checkpoint_file(path: Path) -> None:
     """A checkpoint to resume from must exist and be a whole torch file (a zip archive: a file cut
     short by a crash or a full disk has lost its central directory)."""
+    if path.is_dir():
+        raise InputNotFoundError(
+            f"Checkpoint {str(path)!r} is a folder: give the checkpoint file in it (e.g. {path / 'last.ckpt'})."
+        )
     if not path.is_file():
         raise InputNotFoundError(
             f"Checkpoint {str(path)!r} does not exist. To resume a run, pass its checkpoints/last.ckpt "
             "(or `--ckpt_path last` with the same logger settings); to start over, leave out --ckpt_path."
+        )
+    with path.open("rb") as f:
+        head = f.read(16)
+    if len(head) == 16 and head[8:9] == b"{" and not zipfile.is_zipfile(path):  # 8-byte length, then a JSON header
+        raise UntrustedCheckpointError(
+            f"{str(path)!r} is a safetensors file (a victim or an export), not a checkpoint of a run: a victim goes in "
+            "model.init_args.victim; --ckpt_path takes a run's checkpoints/last.ckpt."
         )
     if not zipfile.is_zipfile(path):
         raise UntrustedCheckpointError(
@@ -141,22 +155,28 @@ class DefenseCLI(LightningCLI):
             return callbacks
         return [*callbacks, ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)]
 
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of the run name across its version folders
+        (Lightning looks only in this run's new, empty one), then as for a path given by hand: the
+        checkpoint's model settings, and the classes built anew with them."""
+        if self.config_init[self.subcommand].get("ckpt_path") != "last":
+            return
+        found = resolve_last_checkpoint(self.trainer)
+        if found is not None:
+            rank_zero_info(f"--ckpt_path last: resuming from {found}.")
+            self.config[self.subcommand]["ckpt_path"] = str(found)
+            self._parse_ckpt_path()
+            self._set_seed()
+            self.instantiate_classes()
+
     def _prepare_run_folder(self, fit: bool) -> None:
-        """Resolve ``--ckpt_path last`` across the run name's version folders; check that the run
-        folder can be written and that a fit does not write into another run's checkpoints."""
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path == "last":
-            found = resolve_last_checkpoint(self.trainer)
-            if found is not None:
-                rank_zero_info(f"--ckpt_path last: resuming from {found}.")
-                self.config[self.subcommand]["ckpt_path"] = ckpt_path = str(found)
-                # as for a path given by hand: the checkpoint's model settings, then the classes anew
-                self._parse_ckpt_path()
-                self._set_seed()
-                self.instantiate_classes()
+        """Check that the run folder can be written; a fit claims it and refuses another run's checkpoints."""
+        logger = self.trainer.logger
+        automatic_version = logger is not None and getattr(logger, "_version", 0) is None  # before log_dir fixes it
         check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
         if fit:
-            check_fresh_folder(self.trainer, ckpt_path)
+            claim_run_folder(self.trainer, automatic_version)
+            check_fresh_folder(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
 
     def _parse_ckpt_path(self) -> None:
         """Check the checkpoint before Lightning reads it, take the model's settings from it as
@@ -179,6 +199,7 @@ class DefenseCLI(LightningCLI):
                 f"Checkpoint {str(ckpt_path)!r} is not a Lightning checkpoint (no dict of hyper_parameters). Resume "
                 "from a checkpoint a run of lightning-defense wrote, or start over without --ckpt_path."
             )
+        check_checkpoint(checkpoint, ckpt_path)
         hparams = dict(hparams or {})
         hparams.pop("_instantiator", None)
         model = self.config[subcommand].get("model")
@@ -194,7 +215,14 @@ class DefenseCLI(LightningCLI):
             return
         given = _flatten(model, "model.")
         stored = {"class_path": configured, "init_args": hparams}
-        self.config = self.parser.parse_object({subcommand: {"model": stored}}, self.config)
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": stored}}, self.config)
+        except ArgumentError as err:
+            raise UntrustedCheckpointError(
+                f"Checkpoint {str(ckpt_path)!r}: its hyper_parameters do not fit {configured} "
+                f"({_shorten(config_error_message(str(err)).splitlines()[0])}). The file was altered or written by "
+                "another version; resume from another checkpoint of the run, or start over without --ckpt_path."
+            ) from None
         used = _flatten(self.config[subcommand].get("model"), "model.")
         changed = [f"{k}: {given[k]!r} -> {used[k]!r}" for k in sorted(given) if k in used and given[k] != used[k]]
         if changed:
@@ -233,13 +261,28 @@ class DefenseCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
         self._load_weights_only()
         self._check_learning_rates()
         self._prepare_run_folder(fit=True)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            release_run_folders()
+
     def _before_evaluation(self) -> None:
+        self._resolve_last_checkpoint()
         self._load_weights_only()
         self._prepare_run_folder(fit=False)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if self.config_init[self.subcommand].get("ckpt_path") is None and trainable:
+            rank_zero_warn(
+                f"`lightning {self.subcommand}` without --ckpt_path evaluates {type(self.model).__name__} as built, "
+                f"its {trainable:,} trainable parameters untrained. To evaluate a run, pass its checkpoint "
+                "(--ckpt_path <run folder>/checkpoints/last.ckpt, or last)."
+            )
 
     before_validate = before_test = before_predict = _before_evaluation
 
@@ -254,7 +297,7 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as err:  # a malformed config: jsonargparse's message without its usage wall
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
             raise
-        print(f"error: {config_error_message(str(err))}", file=sys.stderr)
+        print(f"error: {_shorten(config_error_message(str(err)))}", file=sys.stderr)
         raise SystemExit(2) from None
     except pickle.UnpicklingError:
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
@@ -270,7 +313,7 @@ def main(args: list[str] | None = None) -> None:
         cause = _user_error(err)
         if cause is None or os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {_shorten(cause)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -301,6 +344,17 @@ def config_error_message(message: str) -> str:
     return text + "\n`lightning fit --help` lists the options; `--print_config` shows the config as parsed."
 
 
+MAX_MESSAGE = 2000
+
+
+def _shorten(message: object) -> str:
+    """A message cut to :data:`MAX_MESSAGE` characters (a value read from a file can be megabytes)."""
+    text = str(message)
+    return (
+        text if len(text) <= MAX_MESSAGE else f"{text[:MAX_MESSAGE]} ... ({len(text) - MAX_MESSAGE:,} characters cut)"
+    )
+
+
 def _user_error(err: BaseException | None) -> UserInputError | None:
     """The user's input error behind ``err``: ours (jsonargparse wraps those raised while
     instantiating), a full disk, or a checkpoint whose weights do not fit the model."""
@@ -319,6 +373,15 @@ def _user_error(err: BaseException | None) -> UserInputError | None:
             return UserInputError(
                 f"Cannot access{where}: {err.strerror}. Give the run a folder it may write (the logger's "
                 "save_dir, or trainer.default_root_dir without a logger) and data it may read."
+            )
+        if isinstance(err, MisconfigurationException):  # Lightning's own word for a bad Trainer setting
+            return UserInputError(f"{err} (`lightning fit --help` lists the trainer options.)")
+        if isinstance(err, ValueError) and "ckpt_path=" in str(err):  # e.g. `best` without a monitored metric
+            return UserInputError(f"{err} Give the checkpoint's path instead.")
+        if isinstance(err, ValueError) and "loaded state dict" in str(err) and "group" in str(err):
+            return UserInputError(
+                f"The checkpoint's optimizer state does not fit this model's optimizer ({err}): it was written with "
+                "other trainable parts or another optimizer. Resume with the config of the run that wrote it."
             )
         if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
             detail = " ".join(line.strip() for line in str(err).splitlines()[1:3] if line.strip())[:400]

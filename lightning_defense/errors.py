@@ -41,3 +41,11 @@ def check_non_negative(owner: str, fix: str = "", **values: float | None) -> Non
     bad = [f"{name} = {value}" for name, value in values.items() if value is not None and not value >= 0]
     if bad:
         raise ConfigurationError(f"{owner}: {', '.join(bad)} must be >= 0. {fix}".rstrip())
+
+
+def check_image_size(size: object, option: str = "image_size") -> tuple[int, int]:
+    """``(height, width)``, both positive integers, from a setting."""
+    values = tuple(size) if isinstance(size, list | tuple) else ()
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ConfigurationError(f"{option} must be two positive integers (height, width), got {size!r}.")
+    return values

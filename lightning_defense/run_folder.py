@@ -11,6 +11,11 @@ import re
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs rely on distinct folders
+    fcntl = None
+
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
@@ -104,6 +109,45 @@ def check_fresh_folder(trainer: Trainer, ckpt_path: str | os.PathLike | None) ->
                 "this run its own folder: leave trainer.logger.init_args.version unset (each run gets a new "
                 "version_N) or choose another version, name or save_dir."
             )
+
+
+#: lock files held until the process ends (the OS releases them then, also on a kill)
+_HELD_LOCKS: list = []
+LOCK_NAME = ".lightning-defense.lock"
+
+
+def claim_run_folder(trainer: Trainer, automatic_version: bool) -> Path:
+    """Lock the run folder for this run, so that two runs started together do not write into the
+    same folder (they would compute the same next version, or share a fixed one). With an automatic
+    version the logger moves on to the next free one; a fixed version held by another run is an
+    error. Only rank 0 locks: the other ranks write through it."""
+    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    if _is_launched_rank() or fcntl is None:
+        return folder
+    for _ in range(1000):
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = (folder / LOCK_NAME).open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            if not automatic_version:
+                raise ConfigurationError(
+                    f"Another run is writing into {folder} right now. Wait for it, or give this run its own folder: "
+                    "leave trainer.logger.init_args.version unset or choose another version, name or save_dir."
+                ) from None
+            trainer.logger._version = None  # the next free version: the folder exists now
+            folder = Path(trainer.log_dir)
+            continue
+        _HELD_LOCKS.append(handle)
+        return folder
+    raise ConfigurationError(f"Could not find a free run folder beside {folder}.")
+
+
+def release_run_folders() -> None:
+    """Let go of the run folders this process claimed (its run is over)."""
+    while _HELD_LOCKS:
+        _HELD_LOCKS.pop().close()
 
 
 def check_writable(folder: Path) -> None:

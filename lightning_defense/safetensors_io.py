@@ -76,6 +76,8 @@ def sha256(path: str | Path) -> str:
 
 #: the longest list or string a metadata value may hold
 METADATA_LENGTH = 1 << 20
+#: the deepest nesting of lists and mappings a metadata value may have
+METADATA_DEPTH = 16
 #: the largest number in the settings of a network built from a file (widths, depths, image
 #: sizes): a crafted file must not ask for terabytes before the weights are compared with it
 NETWORK_SETTING_LIMIT = 4096
@@ -90,6 +92,10 @@ def metadata_json(metadata: Mapping[str, str], key: str, source: str) -> Any:
         )
     try:
         return json.loads(metadata[key])
+    except RecursionError as err:
+        raise UntrustedCheckpointError(
+            f"{source}: its metadata {key!r} is nested beyond any setting: the file was altered."
+        ) from err
     except (json.JSONDecodeError, TypeError) as err:
         raise UntrustedCheckpointError(
             f"{source}: its metadata {key!r} is not valid JSON ({err}); the file is damaged or altered. Re-export it."
@@ -126,9 +132,13 @@ def build_from_metadata(cls: Callable[..., T], values: Any, source: str, what: s
         raise UntrustedCheckpointError(f"{source}: its {what} settings are not usable ({err}). Re-export it.") from err
 
 
-def _check_bounded(value: Any, where: str, limit: float | None) -> None:
+def _check_bounded(value: Any, where: str, limit: float | None, depth: int = 0) -> None:
     if isinstance(value, bool) or value is None:
         return
+    if depth > METADATA_DEPTH:
+        raise UntrustedCheckpointError(
+            f"{where} are nested more than {METADATA_DEPTH} levels deep: the file was altered."
+        )
     if isinstance(value, int | float):
         if not math.isfinite(value) or (limit is not None and abs(value) > limit):
             raise UntrustedCheckpointError(f"{where} hold {value!r}, beyond any sensible setting: the file is altered.")
@@ -136,7 +146,7 @@ def _check_bounded(value: Any, where: str, limit: float | None) -> None:
         raise UntrustedCheckpointError(f"{where} hold a value of {len(value)} entries: the file was altered.")
     if isinstance(value, list):
         for item in value:
-            _check_bounded(item, where, limit)
+            _check_bounded(item, where, limit, depth + 1)
     elif isinstance(value, dict):
         for item in value.values():
-            _check_bounded(item, where, limit)
+            _check_bounded(item, where, limit, depth + 1)

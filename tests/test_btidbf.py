@@ -416,8 +416,8 @@ def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     assert len(re.findall(r"BTI-DBF round 1: detected target class \d", output)) == 1
     assert re.search(r"BTI-DBF round 2: G\(x\) lands on the detected class \d for [\d.]+% of images", output)
     assert re.search(
-        r"victim BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%  ->  "
-        r"defended BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%",
+        r"victim BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d% / ASR-any \d+\.\d\d%  ->  "
+        r"defended BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d% / ASR-any \d+\.\d\d%",
         output,
     )
     assert "BTI-DBF wall time per phase: mask" in output

@@ -442,8 +442,8 @@ def test_the_shipped_embedded_default_runs_end_to_end_in_short(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert re.search(
-        r"victim BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%  ->  "
-        r"defended BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d%",
+        r"victim BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d% / ASR-any \d+\.\d\d%  ->  "
+        r"defended BA \d+\.\d\d% / ASR \d+\.\d\d% / RA \d+\.\d\d% / ASR-any \d+\.\d\d%",
         output,
     )
     # output is not a terminal, so the CLI adds EpochSummary: a line per epoch, validation on epoch 1 only

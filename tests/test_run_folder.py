@@ -194,3 +194,152 @@ def test_a_victim_fed_images_of_another_size_is_refused(recorded, tmp_path):
     result = lightning("fit", "--config", config, *QUICK, cwd=tmp_path)
     one_clear_error(result, "was trained on 32x32 images", "serves 64x64")
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_two_runs_started_together_never_share_a_folder(tmp_path):
+    """Started at once they would compute the same next version (or share a fixed one)."""
+    import subprocess
+    import sys
+
+    config = str(tiny_config(tmp_path))
+
+    def start(*extra):
+        command = [sys.executable, "-m", "lightning_defense", "fit", "--config", config, *extra]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "LIGHTNING_DEFENSE_TRACEBACK": ""}
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+
+    runs = [start(), start()]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0], [run.stderr.read()[-2000:] for run in runs]
+    folders = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert folders == ["version_0", "version_1"]
+    for folder in folders:  # each run's own files, whole
+        assert sorted(p.name for p in (tmp_path / "runs" / "tiny" / folder / "checkpoints").glob("last*")) == [
+            "last.ckpt"
+        ]
+    fixed = [start("--trainer.logger.init_args.version", "same"), start("--trainer.logger.init_args.version", "same")]
+    codes = sorted(run.wait(timeout=300) for run in fixed)
+    errors = "".join(run.stderr.read() for run in fixed)
+    # refused while the other runs, or (when it was quicker) because its checkpoints are there now
+    refused = "Another run is writing into" in errors or "already holds checkpoints of another run" in errors
+    assert codes == [0, 2] and refused and "Traceback" not in errors
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--data.init_args.batch_size", "0"], "batch_size must be a positive integer"),
+        (["--data.init_args.num_workers", "-1"], "num_workers must be 0"),
+        (["--data.init_args.train_per_class", "0"], "train_per_class must be at least 1"),
+        (["--data.init_args.image_size", "[-4, 32]"], "image_size must be two positive integers"),
+        (["--data.init_args.reserved_fraction", "1"], "reserved_fraction must be in [0, 1)"),
+        (["--trainer.devices", "0"], "trainer options"),
+        (["--trainer.accelerator", "gpu"], "trainer options"),
+        (["--model.init_args.export_name", "/tmp/notes.txt"], "export_name must be a file name"),
+        (["--data.init_args.attack.init_args.patch_size", "16000"], "patch_size must be in [1, 1024]"),
+    ],
+    ids=["batch0", "workers", "per-class", "size", "reserved", "devices", "gpu", "export-name", "patch"],
+)
+def test_settings_that_cannot_work_are_one_message(arguments, expected, tmp_path):
+    if "gpu" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = lightning("fit", "--config", str(tiny_config(tmp_path)), *arguments, cwd=tmp_path)
+    one_clear_error(result, expected)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_defense_whose_model_and_data_name_different_victims_is_refused(tmp_path):
+    parts = refine(tmp_path)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(Path(parts["model"]["init_args"]["victim"]).read_bytes())
+    config = str(write_config(tmp_path, "defense", parts))
+    result = lightning("fit", "--config", config, *QUICK, "--data.init_args.victim", str(other), cwd=tmp_path)
+    one_clear_error(result, "model.init_args.victim is", "but data.init_args.victim is", str(other))
+
+
+def test_a_checkpoint_with_nan_weights_or_no_state_dict_is_refused(tmp_path):
+    config = str(tiny_config(tmp_path))
+    ran(lightning("fit", "--config", config, cwd=tmp_path))
+    last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    name = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point())
+    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    del checkpoint["state_dict"]
+    torch.save(checkpoint, tmp_path / "empty.ckpt")
+    one_clear_error(
+        lightning("validate", "--config", config, "--ckpt_path", str(tmp_path / "nan.ckpt"), cwd=tmp_path),
+        "holds non-finite weights",
+        name,
+    )
+    one_clear_error(
+        lightning("validate", "--config", config, "--ckpt_path", str(tmp_path / "empty.ckpt"), cwd=tmp_path),
+        "has no state_dict",
+    )
+    victim = tmp_path / "runs" / "tiny" / "version_0" / "victim.safetensors"
+    one_clear_error(
+        lightning("validate", "--config", config, "--ckpt_path", str(victim), cwd=tmp_path),
+        "is a safetensors file",
+        "model.init_args.victim",
+    )
+    untrained = lightning("validate", "--config", config, cwd=tmp_path)
+    ran(untrained)
+    assert "without --ckpt_path evaluates VictimTrainer as built" in untrained.stderr
+
+
+def test_a_victim_file_with_nan_weights_is_refused(tmp_path):
+    from lightning_defense.errors import UntrustedCheckpointError
+    from lightning_defense.victims import load_victim
+
+    classifier = Classifier("resnet20", 10)
+    path = save_victim(tmp_path / "v.safetensors", classifier, VictimMetadata("resnet20", 10))
+    assert load_victim(path).frozen  # the intact file loads
+    with torch.no_grad():
+        next(classifier.parameters()).fill_(float("nan"))
+    save_victim(path, classifier, VictimMetadata("resnet20", 10))
+    with pytest.raises(UntrustedCheckpointError, match="non-finite weights"):
+        load_victim(path)
+
+
+def test_image_folders_skip_hidden_folders_refuse_empty_classes_and_read_16_bit_pngs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lightning_defense.data.datasets import load_image_folder
+    from lightning_defense.errors import InputNotFoundError
+
+    write_image_folder(tmp_path / "train", ["a", "b"], 2, suffix=".png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 60).astype("uint16")).save(tmp_path / "train" / "b" / "x.png")
+    images, labels, classes = load_image_folder(tmp_path / "train", size=(32, 32))
+    assert classes == ["a", "b"] and images.dtype == torch.uint8 and len(images) == 5
+    (tmp_path / "train" / "c").mkdir()
+    with pytest.raises(InputNotFoundError, match="holds no images"):
+        load_image_folder(tmp_path / "train", size=(32, 32))
+
+
+def test_a_claimed_run_folder_moves_an_automatic_version_on_and_refuses_a_fixed_one(tmp_path):
+    """The lock itself, deterministically: the first claim holds version_0 until released."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_defense.errors import ConfigurationError
+    from lightning_defense.run_folder import claim_run_folder, release_run_folders
+
+    class Trainer(SimpleNamespace):
+        log_dir = property(lambda self: self.logger.log_dir)
+
+    def trainer(version=None):
+        return Trainer(logger=CSVLogger(tmp_path, name="runs", version=version), default_root_dir=None)
+
+    try:
+        first, second = trainer(), trainer()
+        assert first.log_dir == second.log_dir  # both computed version_0 before either made it
+        assert claim_run_folder(first, automatic_version=True).name == "version_0"
+        assert claim_run_folder(second, automatic_version=True).name == "version_1"  # version_0 is held
+        with pytest.raises(ConfigurationError, match="Another run is writing into"):
+            claim_run_folder(trainer(version=0), automatic_version=False)
+    finally:
+        release_run_folders()
+    assert claim_run_folder(trainer(version=0), automatic_version=False).name == "version_0"  # free again
+    release_run_folders()

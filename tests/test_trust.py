@@ -129,7 +129,16 @@ def test_every_resume_path_checks_the_victim(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "checkpoint", [[1, 2], {"hyper_parameters": [1]}, {"hyper_parameters": {"_class_path": 7}}], ids=str
+    "checkpoint",
+    [
+        [1, 2],
+        {"hyper_parameters": [1]},
+        {"hyper_parameters": {"_class_path": 7}},
+        {"state_dict": {}, "hyper_parameters": {"num_classes": "ten"}},  # a setting of the wrong type
+        {"state_dict": {}, "hyper_parameters": {"lr": list(range(300_000))}},  # named in a short message
+        {"state_dict": {"w": 1}},  # a state dict that is not of tensors
+    ],
+    ids=["list", "hparams-list", "class-path-int", "wrong-type", "huge", "not-tensors"],
 )
 def test_a_malformed_checkpoint_is_one_clear_error(checkpoint, trained, tmp_path):
     config, _ = trained
@@ -137,6 +146,7 @@ def test_a_malformed_checkpoint_is_one_clear_error(checkpoint, trained, tmp_path
     torch.save(checkpoint, path)
     result = lightning("validate", "--config", config, "--ckpt_path", str(path), cwd=tmp_path)
     one_clear_error(result, str(path))
+    assert len(result.stderr) < 4000
 
 
 def _altered_victim(tmp_path: Path, **changes: str) -> Path:

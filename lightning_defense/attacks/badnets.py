@@ -6,6 +6,9 @@ from torch import Tensor
 from lightning_defense.attacks.base import Attack, LabelMode
 from lightning_defense.errors import ConfigurationError
 
+#: the largest patch side: bigger than any image size this project handles
+MAX_PATCH = 1024
+
 
 class BadNets(Attack):
     """BadNets (Gu et al., 2017): a small patch of fixed random colours stamped on the image.
@@ -26,8 +29,8 @@ class BadNets(Attack):
         position: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(target, poison_rate, label_mode, seed)
-        if patch_size < 1:
-            raise ConfigurationError(f"patch_size must be >= 1, got {patch_size}.")
+        if not 1 <= patch_size <= MAX_PATCH:  # the pattern is drawn now, before any image size is known
+            raise ConfigurationError(f"patch_size must be in [1, {MAX_PATCH}], got {patch_size}.")
         self.patch_size = patch_size
         self.position = tuple(position) if position is not None else None
         # colours on the uint8 grid, so a saved poisoned image holds exactly this patch

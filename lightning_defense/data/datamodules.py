@@ -21,9 +21,15 @@ from torchvision.transforms import v2
 from lightning_defense.attacks import Attack
 from lightning_defense.data.augmentation import CropFlip
 from lightning_defense.data.datasets import ImageTensorDataset, collate, data_home, load_image_folder, per_class_split
-from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.errors import ConfigurationError, InputNotFoundError, check_image_size
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def served_image_size(datamodule: object) -> tuple[int, int] | None:
+    """The size of the images a DataModule serves (a DefenseDataModule: its source's), if it says."""
+    size = getattr(datamodule, "image_size", None) or getattr(getattr(datamodule, "source", None), "image_size", None)
+    return tuple(size) if size is not None else None
 
 
 class InMemoryDataModule(LightningDataModule):
@@ -32,6 +38,12 @@ class InMemoryDataModule(LightningDataModule):
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"data.init_args.batch_size must be a positive integer, got {batch_size!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigurationError(
+                f"data.init_args.num_workers must be 0 (load in the main process) or more, got {num_workers!r}."
+            )
         self.batch_size = batch_size
         self.num_workers = num_workers
 
@@ -98,6 +110,11 @@ class BackdoorDataModule(InMemoryDataModule):
         if not 0 < test_fraction <= 1:
             raise ConfigurationError(
                 f"test_fraction must be in (0, 1], got {test_fraction}: 1.0 evaluates the whole test set."
+            )
+        if not 0 <= reserved_fraction < 1:
+            raise ConfigurationError(
+                f"reserved_fraction must be in [0, 1), got {reserved_fraction}: it is the share of each class held "
+                "out from the victim (0.05 by default)."
             )
         super().__init__(batch_size, num_workers)
         self.test_fraction = test_fraction
@@ -246,7 +263,7 @@ class ImageFolderDataModule(BackdoorDataModule):
         super().__init__(**kwargs)
         self.root = Path(root).expanduser() if root else data_home() / self.default_root
         self.train_split, self.test_split = train_split, test_split
-        self.image_size = tuple(image_size)
+        self.image_size = check_image_size(image_size)
         self.classes: list[str] | None = None
         if num_classes is not None:
             self.num_classes = num_classes

@@ -88,7 +88,8 @@ def _decode(file: Path) -> Tensor:
     if file.suffix.lower() in (".bmp", ".ppm"):
         with Image.open(file) as image:
             return TF.pil_to_tensor(image.convert("RGB"))
-    return decode_image(str(file), mode=ImageReadMode.RGB)
+    image = decode_image(str(file), mode=ImageReadMode.RGB)
+    return TF.to_dtype(image, torch.uint8, scale=True) if image.dtype != torch.uint8 else image  # 16-bit PNGs
 
 
 def _decode_reason(err: BaseException) -> str:
@@ -133,7 +134,8 @@ def load_image_folder(
     """
     if not root.is_dir():
         raise InputNotFoundError(f"{root} is not a folder.")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if classes is None:
         classes = found
     missing = [c for c in classes if c not in found]
@@ -141,9 +143,13 @@ def load_image_folder(
         raise InputNotFoundError(f"{root} lacks the class folders {missing[:5]}.")
     files, labels = [], []
     for label, name in enumerate(classes):
-        batch = sorted(
-            f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and (keep is None or keep(f))
-        )
+        images = [f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+        batch = sorted(f for f in images if keep is None or keep(f))
+        if not images:
+            raise InputNotFoundError(
+                f"{root / name} holds no images ({', '.join(IMAGE_SUFFIXES)}): a class without images cannot be "
+                "learned or evaluated. Add its images or remove the folder."
+            )
         files += batch
         labels += [label] * len(batch)
     if not files:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_defense.data.auxiliary import AuxiliaryData, PooledData, ReservedData
 from lightning_defense.data.datamodules import BackdoorDataModule
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import ConfigurationError, check_image_size
 from lightning_defense.victims import Classifier
 
 
@@ -57,10 +57,13 @@ class SyntheticDataModule(BackdoorDataModule):
         super().__init__(**kwargs)
         if num_classes < 2:
             raise ConfigurationError(f"num_classes must be at least 2, got {num_classes}.")
+        for name, count in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
+            if count < 1:
+                raise ConfigurationError(f"{name} must be at least 1, got {count}.")
         self.num_classes = num_classes
         self.train_per_class = train_per_class
         self.test_per_class = test_per_class
-        self.image_size = tuple(image_size)
+        self.image_size = check_image_size(image_size)
         self.data_seed = data_seed
 
     def load_train(self) -> tuple[Tensor, Tensor]:

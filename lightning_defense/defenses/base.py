@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_defense.errors import check_class_count
+from lightning_defense.errors import ConfigurationError, check_class_count
 from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.victims import Classifier
@@ -56,7 +57,16 @@ class DefenseModule(LightningModule):
         return self.model(images)
 
     def setup(self, stage: str) -> None:
-        check_class_count(self.trainer.datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
+        datamodule = self.trainer.datamodule
+        check_class_count(datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")
+        # the poisoned test set comes from the data's victim file: another victim's attack would be measured
+        defended, evaluated = self.hparams.get("victim"), getattr(datamodule, "victim", None)
+        if defended and evaluated and Path(str(defended)).resolve() != Path(str(evaluated)).resolve():
+            raise ConfigurationError(
+                f"model.init_args.victim is {str(defended)!r} but data.init_args.victim is {str(evaluated)!r}: the "
+                "poisoned test set would come from another victim's attack. Give both the same file (or the data "
+                "an `attack` instead of a victim, to evaluate another attack)."
+            )
         # NHWC weights make every convolution run NHWC, inputs included: measured faster on CPUs in
         # fp32 and bf16, and on GPUs in 16 bits (tensor cores); PERFORMANCE.md
         if uses_channels_last(self.trainer):

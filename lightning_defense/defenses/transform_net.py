@@ -51,6 +51,8 @@ class TransformNet(nn.Module):
         identity_init: bool = True,
     ) -> None:
         super().__init__()
+        if not 1 <= encoder_depth <= 5:
+            raise ConfigurationError(f"encoder_depth must be 1 to 5 down-sampling stages, got {encoder_depth}.")
         if len(decoder_channels) != encoder_depth:
             raise ConfigurationError(
                 f"decoder_channels has {len(decoder_channels)} entries but encoder_depth is "

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
-from lightning_defense.errors import check_class_count
+from lightning_defense.errors import ConfigurationError, check_class_count
 from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.optim import sgd_multistep
@@ -53,6 +53,13 @@ class VictimTrainer(LightningModule):
         export_name: str = "victim.safetensors",
     ) -> None:
         super().__init__()
+        # a name inside the run folder: a path could overwrite any file of the user's
+        bare = Path(export_name).name == export_name and not export_name.startswith(".")
+        if not (bare and export_name.endswith(".safetensors")):
+            raise ConfigurationError(
+                f"export_name must be a file name ending in .safetensors (it is written into the run folder), "
+                f"got {export_name!r}."
+            )
         self.save_hyperparameters()
         self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std))
         #: NHWC layout: ``channels_last`` if given, else the Trainer's, decided in `setup`

@@ -13,12 +13,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from lightning_defense.checkpoint_io import imported_object, load_weights
-from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
+from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
@@ -139,15 +139,24 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
     obj = load_weights(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
         prefix = "classifier."
-        weights = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        state = obj["state_dict"] if _is_state_dict(obj["state_dict"]) else _no_state_dict(path)
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         stored = obj.get("victim_metadata")
         metadata = build_from_metadata(VictimMetadata, stored, repr(str(path)), "victim metadata") if stored else None
         return weights, metadata
-    if isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if _is_state_dict(obj):
         return dict(obj), None
+    _no_state_dict(path)
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _no_state_dict(path: Path) -> NoReturn:
     raise UntrustedCheckpointError(
-        f"{str(path)!r} holds no state dict; expected a safetensors file, a Lightning checkpoint "
-        "of VictimTrainer, or `torch.save(model.state_dict(), path)`."
+        f"{str(path)!r} holds no state dict (names to tensors); expected a safetensors file, a Lightning "
+        "checkpoint of VictimTrainer, or `torch.save(model.state_dict(), path)`."
     )
 
 
@@ -183,7 +192,10 @@ def load_victim(
         )
     if arch is not None and arch != metadata.arch:
         raise ConfigurationError(f"Victim {str(path)!r} is a {metadata.arch!r}, not a {arch!r}.")
-    classifier = Classifier(metadata.arch, metadata.num_classes, metadata.mean, metadata.std)
+    try:
+        classifier = Classifier(metadata.arch, metadata.num_classes, metadata.mean, metadata.std)
+    except UserInputError as err:
+        raise ConfigurationError(f"Victim {str(path)!r}: {err}") from err
     if "mean" not in weights:  # bare state dicts carry only the network
         weights = {f"network.{k}": v for k, v in weights.items()}
         weights |= {"mean": classifier.mean, "std": classifier.std}
@@ -193,5 +205,12 @@ def load_victim(
         raise ConfigurationError(
             f"The weights in {str(path)!r} do not fit a {metadata.arch!r} with {metadata.num_classes} classes: {err}"
         ) from err
+    # a victim with NaN weights or a zero std answers nonsense that would read as a defense's result
+    broken = [name for name, t in classifier.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken or not (classifier.std > 0).all():
+        what = f"non-finite weights ({', '.join(broken[:3])})" if broken else "a std that is not positive"
+        raise UntrustedCheckpointError(
+            f"Victim {str(path)!r} holds {what}: it cannot classify. Use an intact victim file."
+        )
     classifier.metadata = metadata
     return classifier.freeze()

@@ -18,6 +18,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from lightning_defense.callbacks import FigureRow, run_folder
+from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae, token_mask_to_pixels
 from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense
@@ -88,9 +89,7 @@ class MAETrainer(LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        served = getattr(datamodule, "image_size", None) or getattr(
-            getattr(datamodule, "source", None), "image_size", None
-        )
+        served = served_image_size(datamodule)
         size = self.hparams.image_size
         if served is not None and tuple(served) != (size, size):
             raise ConfigurationError(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_defense.defenses.transform_net import TransformNet
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
 
 ClassificationLoss = Literal["ce", "bce", "soft"]
@@ -113,8 +113,10 @@ class Refine(nn.Module):
         super().__init__()
         if classification_loss not in ("ce", "bce", "soft"):
             raise ConfigurationError(f"classification_loss must be 'ce', 'bce' or 'soft', got {classification_loss!r}.")
-        if soft_label_temperature <= 0:
-            raise ConfigurationError(f"soft_label_temperature must be > 0, got {soft_label_temperature}.")
+        for name, value in (("soft_label_temperature", soft_label_temperature), ("temperature", temperature)):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {value}: it divides the logits or similarities.")
+        check_non_negative("REFINE", "0 turns the term off.", contrastive_weight=contrastive_weight)
         if encoder_head_weight < 0:
             raise ConfigurationError(f"encoder_head_weight must be >= 0, got {encoder_head_weight}.")
         has_head = isinstance(transform_net, TransformNet) and transform_net.unet.classification_head is not None

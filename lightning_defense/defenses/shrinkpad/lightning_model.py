@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.shrinkpad.torch_model import ShrinkPadDefense
 from lightning_defense.errors import ConfigurationError
@@ -27,6 +28,15 @@ class ShrinkPad(DefenseModule):
         if shrink < 1:
             raise ConfigurationError(f"shrink must be >= 1, got {shrink}.")
         self.model = ShrinkPadDefense(victim_model, shrink)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        size = served_image_size(self.trainer.datamodule)
+        if size is not None and self.hparams.shrink >= min(size):
+            raise ConfigurationError(
+                f"shrink {self.hparams.shrink} takes the whole {size[0]}x{size[1]} image: "
+                "take fewer pixels (the seeds' 4)."
+            )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         raise ConfigurationError("ShrinkPad has nothing to train: run `lightning validate` or `lightning test`.")
