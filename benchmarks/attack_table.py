@@ -1,5 +1,5 @@
 """Issue 8's attack table, in the shape of the seed's tables 1 and 2: one row per attack with the
-victim's BA/ASR and, for each defense, BA/ASR after it; plus a bar chart of the same numbers.
+victim's BA/ASR and, for each defense, BA/ASR/RA/ASR-any after it; plus a bar chart of the same numbers.
 
 It reads the ``summary.json`` files that ``benchmarks/sweep.py`` writes (or the per-row copies
 under ``benchmarks/results/``): victim rows are named ``cifar10_<attack>``
@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from lightning_defense.evaluation import LABELS, REPORTED
 
 DEFENSES = {"refine": "REFINE", "p5": "BTI-DBF (P)", "tmr": "T-MR", "shrinkpad": "ShrinkPad"}
 ATTACKS = {
@@ -63,8 +65,11 @@ def victim_of(rows: dict[str, dict], attack: str) -> dict | None:
 
 
 def table(rows: dict[str, dict]) -> str:
+    """Victim cells BA / ASR; defense cells every reported metric (evaluation.REPORTED), "–" for one
+    a row did not log (ASR-any is newer than most rows)."""
+    metrics = " / ".join(LABELS[m] for m in REPORTED)
     header = ["attack", "victim BA / ASR % (train min)"]
-    header += [f"{name} BA / ASR % (min)" for name in DEFENSES.values()]
+    header += [f"{name} {metrics} % (min)" for name in DEFENSES.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for attack, name in ATTACKS.items():
         victim = victim_of(rows, attack)
@@ -73,7 +78,8 @@ def table(rows: dict[str, dict]) -> str:
         cells = [name, f"{percent(victim, 'val/ba')} / {percent(victim, 'val/asr')} ({minutes(victim)})"]
         for defense in DEFENSES:
             row = rows.get(f"{attack}_{defense}")
-            cells.append(f"{percent(row, 'val/ba')} / {percent(row, 'val/asr')} ({minutes(row)})" if row else "–")
+            values = " / ".join(percent(row, f"val/{m}") for m in REPORTED)
+            cells.append(f"{values} ({minutes(row)})" if row else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
