@@ -113,7 +113,6 @@ def check_fresh_folder(trainer: Trainer, ckpt_path: str | os.PathLike | None) ->
 
 #: lock files held until the process ends (the OS releases them then, also on a kill)
 _HELD_LOCKS: list = []
-LOCK_NAME = ".lightning-defense.lock"
 
 
 def claim_run_folder(trainer: Trainer, automatic_version: bool) -> Path:
@@ -125,8 +124,10 @@ def claim_run_folder(trainer: Trainer, automatic_version: bool) -> Path:
     if _is_launched_rank() or fcntl is None:
         return folder
     for _ in range(1000):
+        # the folder itself stays empty (the logger warns about a non-empty one): the lock sits beside it,
+        # and the folder's existence moves the next run's automatic version on
         folder.mkdir(parents=True, exist_ok=True)
-        handle = (folder / LOCK_NAME).open("a")
+        handle = (folder.parent / f".{folder.name}.lock").open("a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -210,7 +210,7 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path):
 
     runs = [start(), start()]
     assert [run.wait(timeout=300) for run in runs] == [0, 0], [run.stderr.read()[-2000:] for run in runs]
-    folders = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    folders = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir())
     assert folders == ["version_0", "version_1"]
     for folder in folders:  # each run's own files, whole
         assert sorted(p.name for p in (tmp_path / "runs" / "tiny" / folder / "checkpoints").glob("last*")) == [
