@@ -53,7 +53,9 @@ class Calibrated(AuxiliaryData):
     Args:
         base: the auxiliary data to calibrate (its labels, or the victim's pseudo-labels for
             unlabeled data, are the calibration targets).
-        epsilon: L-infinity bound of the perturbation, in [0, 1] pixel units.
+        epsilon: L-infinity bound of the perturbation, in [0, 1] pixel units (not the victim's
+            normalized units: the GIC paper's 0.1, if meant after BackdoorBench's normalization, is
+            about 0.025 here; benchmarks/README.md measures both readings).
         lr: Adam's learning rate for the perturbations.
         steps: Adam steps per image.
         batch_size: images calibrated at once.
