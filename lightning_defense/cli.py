@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
-from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss
+from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss, run_folder
 from lightning_defense.checkpoint_io import AtomicCheckpointIO, check_checkpoint, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
@@ -173,7 +173,7 @@ class DefenseCLI(LightningCLI):
         """Check that the run folder can be written; a fit claims it and refuses another run's checkpoints."""
         logger = self.trainer.logger
         automatic_version = logger is not None and getattr(logger, "_version", 0) is None  # before log_dir fixes it
-        check_writable(Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        check_writable(run_folder(self.trainer))
         if fit:
             claim_run_folder(self.trainer, automatic_version)
             check_fresh_folder(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))

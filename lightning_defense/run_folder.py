@@ -20,6 +20,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
+from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 #: the folder of runs without a logger: ``runs/no_logger/version_N``
@@ -62,7 +63,7 @@ def checkpoint_folder(trainer: Trainer, callback: ModelCheckpoint) -> Path:
     resolve = getattr(callback, "_ModelCheckpoint__resolve_ckpt_dir", None)
     if resolve is not None:
         return Path(resolve(trainer))
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+    return run_folder(trainer) / "checkpoints"
 
 
 def _checkpoints_in(folder: Path) -> list[Path]:
@@ -120,7 +121,7 @@ def claim_run_folder(trainer: Trainer, automatic_version: bool) -> Path:
     same folder (they would compute the same next version, or share a fixed one). With an automatic
     version the logger moves on to the next free one; a fixed version held by another run is an
     error. Only rank 0 locks: the other ranks write through it."""
-    folder = Path(trainer.log_dir or trainer.default_root_dir)
+    folder = run_folder(trainer)
     if _is_launched_rank() or fcntl is None:
         return folder
     for _ in range(1000):
@@ -175,7 +176,7 @@ class KeepConfigCallback(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not self.already_saved and self.save_to_log_dir:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)  # broadcasts: every rank calls it
+            folder = run_folder(trainer)  # broadcasts: every rank calls it
             name = self.config_filename
             if trainer.is_global_zero:
                 stem, suffix = os.path.splitext(self.config_filename)
