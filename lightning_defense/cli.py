@@ -358,9 +358,12 @@ def _shorten(message: object) -> str:
 def _user_error(err: BaseException | None) -> UserInputError | None:
     """The user's input error behind ``err``: ours (jsonargparse wraps those raised while
     instantiating), a full disk, or a checkpoint whose weights do not fit the model."""
+    latest = UserInputError.latest
     while err is not None:
         if isinstance(err, UserInputError):
             return err
+        if latest is not None and isinstance(err, ValueError) and str(latest).splitlines()[0] in str(err):
+            return latest  # ours, as text inside an older jsonargparse's union error
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             where = f" while writing {err.filename}" if err.filename else ""
             return UserInputError(

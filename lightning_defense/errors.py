@@ -6,6 +6,14 @@ traceback anyway."""
 class UserInputError(Exception):
     """Bad input from the user: data, checkpoint or configuration."""
 
+    latest: "UserInputError | None" = None
+    """The last one made: older jsonargparse (4.39) keeps only the text of an error raised while it
+    instantiates a class of a union (``model: LightningModule | None``), not the error itself."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        UserInputError.latest = self
+
 
 class ConfigurationError(UserInputError, ValueError):
     """A setting that cannot work (wrong class count, trigger too large, rate out of range...)."""
