@@ -94,9 +94,9 @@ def test_architectures_take_32x32_and_split_at_their_feature_layer(arch):
     classifier = Classifier(arch, 7).eval()
     images = torch.rand(2, 3, 32, 32)
     assert classifier(images).shape == (2, 7)
-    # S_a is the named layer's output, and S_b(S_a(x)) is the whole network
+    # S_a is the network's `features` module's output, and S_b(S_a(x)) is the whole network
     captured = []
-    classifier.get_submodule(classifier.feature_layer).register_forward_hook(lambda m, i, o: captured.append(o))
+    classifier.network.features.register_forward_hook(lambda m, i, o: captured.append(o))
     logits = classifier(images)
     features = classifier.features(images)
     torch.testing.assert_close(features, captured[0])

@@ -1,10 +1,23 @@
-"""Classifier architectures for 32x32 inputs, registered by name.
+"""Classifier architectures, by name: this project's, third-party layouts, torchvision's and timm's.
 
-Every network here takes *normalized* input; :class:`~lightning_defense.victims.classifier.Classifier`
-wraps it, owns the normalization and takes [0, 1] pixels (contract 1). Each architecture names
-``feature_layer``: the module whose output ends the feature extractor (S_a) and after which the
-rest of the network is the head (S_b), and ``head`` runs S_b on those features, so that
-``forward(x) == head(features(x))``. Trigger-inversion defenses split the victim there.
+An ``arch`` is one of
+
+- a name of :data:`ARCHITECTURES`: this project's 32x32 networks (``resnet20``, ``resnet18``,
+  ``preact_resnet18``, ``vgg16_bn``) and the layouts of the toolboxes researchers' files come
+  from, with their parameter names unchanged so their state dicts load as saved:
+  ``backdoorbench_preactresnet18`` (BackdoorBench's ``models/preact_resnet.py``) and
+  ``backdoorbox_resnet18`` (BackdoorBox's ``core/models/resnet.py``, also the official REFINE
+  code's victim); BackdoorBench's ``vgg19_bn`` is torchvision's, ``torchvision/vgg19_bn``;
+- ``torchvision/<builder>``: any classification model of ``torchvision.models.get_model``
+  (``torchvision/resnet18``, ``torchvision/vit_b_16``), without pretrained weights; ViTs are
+  built for the victim's image size;
+- ``timm/<name>``: any ``timm.create_model`` name (``timm/resnet18``, ``timm/vit_tiny_patch16_224``);
+  models with a fixed input size (ViTs) are built for the victim's image size.
+
+Every network takes *normalized* input; :class:`~lightning_defense.victims.classifier.Classifier`
+wraps it, owns the normalization and takes [0, 1] pixels (contract 1). Where the features end
+and the head begins is :mod:`~lightning_defense.victims.feature_split`'s business; this
+project's networks define it themselves (``features``, ``head``, ``linear_layer``).
 """
 
 from __future__ import annotations
@@ -12,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_defense.errors import ConfigurationError
@@ -122,6 +136,103 @@ class VGG16BN(nn.Module):
         return self.head(self.features(x))
 
 
+class _BackdoorBenchPreActBlock(nn.Module):
+    """BackdoorBench's PreActBlock: the shortcut (a bare 1x1 conv) reads relu(bn1(x)), not x."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class _BackdoorBoxBlock(nn.Module):
+    """BackdoorBox's BasicBlock (an empty ``shortcut`` Sequential where the shapes agree)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _stages(block: type[nn.Module], widths: tuple[int, ...], strides: tuple[int, ...]) -> list[nn.Sequential]:
+    stages, in_planes = [], 64
+    for width, stride in zip(widths, strides, strict=True):
+        stages.append(nn.Sequential(block(in_planes, width, stride), block(width, width, 1)))
+        in_planes = width
+    return stages
+
+
+class BackdoorBenchPreActResNet18(nn.Module):
+    """BackdoorBench's PreActResNet-18 (``models/preact_resnet.py``), parameter names as theirs:
+    no stem BN and no final BN+ReLU, unlike this project's ``preact_resnet18``."""
+
+    linear_layer = "linear"
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(
+            _BackdoorBenchPreActBlock, (64, 128, 256, 512), (1, 2, 2, 2)
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.linear = nn.Linear(512, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.conv1(x)))))
+
+    def head(self, features: Tensor) -> Tensor:
+        return self.linear(torch.flatten(self.avgpool(features), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class BackdoorBoxResNet18(nn.Module):
+    """BackdoorBox's ResNet-18 (``core/models/resnet.py``; the official REFINE code's victim),
+    parameter names as theirs. Its pooling is theirs too: a fixed 4x4 average, made for 32x32."""
+
+    linear_layer = "linear"
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(
+            _BackdoorBoxBlock, (64, 128, 256, 512), (1, 2, 2, 2)
+        )
+        self.linear = nn.Linear(512, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(out))))
+
+    def head(self, features: Tensor) -> Tensor:
+        return self.linear(torch.flatten(F.avg_pool2d(features, 4), 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 def resnet18(num_classes: int) -> nn.Module:
     return CifarResNet(BasicBlock, (64, 128, 256, 512), (2, 2, 2, 2), num_classes)
 
@@ -144,12 +255,55 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "preact_resnet18": preact_resnet18,
     "vgg16_bn": vgg16_bn,
     "resnet20": resnet20,
+    "backdoorbench_preactresnet18": BackdoorBenchPreActResNet18,
+    "backdoorbox_resnet18": BackdoorBoxResNet18,
 }
 
+LIBRARIES = ("torchvision", "timm")
 
-def build_network(arch: str, num_classes: int) -> nn.Module:
-    if arch not in ARCHITECTURES:
-        raise ConfigurationError(f"Unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}.")
+
+def build_network(arch: str, num_classes: int, image_size: tuple[int, int] | None = None) -> nn.Module:
+    """A freshly initialised network (no pretrained weights: a victim's come from its file)."""
     if num_classes < 2:
         raise ConfigurationError(f"num_classes must be at least 2, got {num_classes}.")
-    return ARCHITECTURES[arch](num_classes)
+    library, _, name = arch.partition("/")
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch](num_classes)
+    if library == "torchvision" and name:
+        return _torchvision_network(name, num_classes, image_size)
+    if library == "timm" and name:
+        return _timm_network(name, num_classes, image_size)
+    raise ConfigurationError(
+        f"Unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}, "
+        "`torchvision/<builder>` (e.g. torchvision/resnet18) or `timm/<model name>` (e.g. timm/resnet18)."
+    )
+
+
+def _torchvision_network(name: str, num_classes: int, image_size: tuple[int, int] | None) -> nn.Module:
+    from torchvision import models
+
+    if name not in models.list_models(module=models):  # classification models only
+        raise ConfigurationError(
+            f"torchvision has no classification model {name!r}; `torchvision.models.list_models()` lists them."
+        )
+    if image_size is not None and image_size[0] == image_size[1]:
+        try:  # models made for one input size (ViTs) are built for the victim's
+            return models.get_model(name, weights=None, num_classes=num_classes, image_size=image_size[0])
+        except TypeError:  # the model takes any size (CNNs) and no image_size argument
+            pass
+    return models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def _timm_network(name: str, num_classes: int, image_size: tuple[int, int] | None) -> nn.Module:
+    try:
+        import timm
+    except ImportError as err:  # timm comes with segmentation-models-pytorch, but may be removed
+        raise ConfigurationError(f"timm/{name} needs timm: `pip install timm`.") from err
+    if not timm.is_model(name):
+        raise ConfigurationError(f"timm has no model {name!r}; `timm.list_models('*{name[:6]}*')` lists similar ones.")
+    if image_size is not None:
+        try:  # models made for one input size (ViTs) are built for the victim's
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=image_size)
+        except TypeError:  # the model takes any size (CNNs) and no img_size argument
+            pass
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)

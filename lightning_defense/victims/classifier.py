@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_defense.victims.architectures import build_network
+from lightning_defense.victims.feature_split import FeatureSplit, feature_split
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -20,6 +21,14 @@ class Classifier(nn.Module):
     Callers always pass float images in [0, 1], NCHW; ``mean`` and ``std`` are buffers, so they
     travel with the weights. A frozen classifier (see :meth:`freeze`) refuses to leave eval mode,
     so a defense that calls ``.train()`` on itself cannot drift the victim's BatchNorm statistics.
+
+    Args:
+        arch: see :mod:`~lightning_defense.victims.architectures` (this project's names,
+            ``torchvision/<builder>``, ``timm/<name>``).
+        image_size: ``(height, width)`` of the images, for networks built for one size (timm's ViTs).
+        feature_node: where :meth:`features` ends, for a network without a split of its own or
+            timm's (a torchvision graph node name, e.g. ``layer3``); default: the input of the
+            global pooling or token selection nearest the output.
     """
 
     def __init__(
@@ -28,24 +37,36 @@ class Classifier(nn.Module):
         num_classes: int,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
+        image_size: tuple[int, int] | None = None,
+        feature_node: str | None = None,
     ) -> None:
         super().__init__()
         self.arch = arch
         self.num_classes = num_classes
-        self.network = build_network(arch, num_classes)
+        self.image_size = tuple(image_size) if image_size is not None else None
+        self.feature_node = feature_node
+        self.network = build_network(arch, num_classes, self.image_size)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.frozen = False
+        self._split: FeatureSplit | None = None
 
     @property
-    def feature_layer(self) -> str:
-        """Name (inside this wrapper) of the module that ends the feature extractor S_a."""
-        return f"network.{self.network.feature_layer}"
+    def split(self) -> FeatureSplit:
+        """S_a / S_b of the network (built on first use, again after a move: a traced graph may
+        hold tensors of its own)."""
+        if self._split is None:
+            self._split = feature_split(self.network, self.feature_node)
+        return self._split
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
+        self._split = None
+        return super()._apply(fn, recurse)
 
     @property
     def linear_layer(self) -> nn.Linear:
         """The last linear layer (the classification head's weights)."""
-        return self.network.get_submodule(self.network.linear_layer)
+        return self.split.linear
 
     def normalize(self, images: Tensor) -> Tensor:
         return (images - self.mean) / self.std
@@ -54,12 +75,12 @@ class Classifier(nn.Module):
         return self.network(self.normalize(images))
 
     def features(self, images: Tensor) -> Tensor:
-        """S_a: the output of :attr:`feature_layer` (e.g. ResNet-18's last stage, 512x4x4) for [0, 1] images."""
-        return self.network.get_submodule(self.network.feature_layer)(self.normalize(images))
+        """S_a for [0, 1] images (e.g. ResNet-18's last stage, 512x4x4; see :attr:`split`)."""
+        return self.split.features(self.normalize(images))
 
     def head(self, features: Tensor) -> Tensor:
         """S_b: logits from :meth:`features`; ``head(features(x))`` equals ``forward(x)``."""
-        return self.network.head(features)
+        return self.split.head(features)
 
     @torch.no_grad()
     def predict_labels(self, images: Tensor, batch_size: int = 512) -> Tensor:

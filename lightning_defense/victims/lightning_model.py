@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
-from lightning_defense.errors import ConfigurationError, check_class_count
+from lightning_defense.data.datamodules import served_image_size
+from lightning_defense.errors import ConfigurationError, check_class_count, check_image_size
 from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
 from lightning_defense.optim import sgd_multistep
@@ -31,9 +32,14 @@ class VictimTrainer(LightningModule):
     ``victim.safetensors`` in the run folder (see :mod:`lightning_defense.victims.victim_file`).
 
     Args:
-        arch: a name from :data:`lightning_defense.victims.ARCHITECTURES`.
+        arch: see :mod:`lightning_defense.victims.architectures`: this project's names,
+            ``torchvision/<builder>`` or ``timm/<name>`` (e.g. ``torchvision/resnet18``).
         num_classes: must match the DataModule's.
         mean, std: per-channel normalization applied inside the classifier.
+        image_size: ``[height, width]`` for networks built for one input size (ViTs); must
+            match the DataModule's images.
+        feature_node: where trigger-inversion defenses split this network into features and
+            head, if not the default (see :class:`~lightning_defense.victims.Classifier`).
         channels_last: NHWC layout for this module; ``None`` (default) follows the Trainer's
             ``channels_last`` (see :func:`lightning_defense.hardware.uses_channels_last`).
     """
@@ -51,6 +57,8 @@ class VictimTrainer(LightningModule):
         lr_gamma: float = 0.1,
         channels_last: bool | None = None,
         export_name: str = "victim.safetensors",
+        image_size: tuple[int, int] | None = None,
+        feature_node: str | None = None,
     ) -> None:
         super().__init__()
         # a name inside the run folder: a path could overwrite any file of the user's
@@ -61,7 +69,8 @@ class VictimTrainer(LightningModule):
                 f"got {export_name!r}."
             )
         self.save_hyperparameters()
-        self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std))
+        size = check_image_size(image_size) if image_size is not None else None
+        self.classifier = Classifier(arch, num_classes, tuple(mean), tuple(std), size, feature_node)
         #: NHWC layout: ``channels_last`` if given, else the Trainer's, decided in `setup`
         self.channels_last = False
         self.val_metrics = BackdoorMetrics(num_classes, "val")
@@ -85,6 +94,12 @@ class VictimTrainer(LightningModule):
         check_class_count(
             datamodule, self.hparams.num_classes, "the model", "Set model.init_args.num_classes: {declared}."
         )
+        served, built = served_image_size(datamodule), self.classifier.image_size
+        if built is not None and served is not None and tuple(served) != tuple(built):
+            raise ConfigurationError(
+                f"model.init_args.image_size is {list(built)} but the data's images are {list(served)}: "
+                f"set model.init_args.image_size: {list(served)}."
+            )
         attack = getattr(datamodule, "attack", None)
         self.attack_config = attack.config() if attack is not None else None
         if hasattr(datamodule, "data_config"):
@@ -114,7 +129,13 @@ class VictimTrainer(LightningModule):
     def victim_metadata(self) -> VictimMetadata:
         hp = self.hparams
         return VictimMetadata(
-            hp.arch, hp.num_classes, list(hp.mean), list(hp.std), self.attack_config, self.data_config
+            hp.arch,
+            hp.num_classes,
+            list(hp.mean),
+            list(hp.std),
+            self.attack_config,
+            self.data_config,
+            feature_node=hp.get("feature_node"),
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

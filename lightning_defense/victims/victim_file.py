@@ -37,6 +37,10 @@ class VictimMetadata:
     attack: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: where the features end, for networks without a split of their own (Classifier's ``feature_node``)
+    feature_node: str | None = None
+    #: ``[height, width]`` the victim takes, for a victim without the record of its data (a wrapped one)
+    input_size: list[int] | None = None
 
     def __post_init__(self) -> None:
         # also a schema for metadata read from files (build_from_metadata turns these into one error)
@@ -60,26 +64,24 @@ class VictimMetadata:
             block = getattr(self, name)
             if block is not None and not (isinstance(block, dict) and isinstance(block.get("class_path"), str)):
                 raise ConfigurationError(f"{name} must be null or a class_path/init_args mapping, not {block!r}.")
-        if self.data is not None and "image_size" in self.data and self.image_size() is None:
+        if self.data is not None and "image_size" in self.data and _size(self.data["image_size"]) is None:
             raise ConfigurationError(f"data.image_size must be two positive integers, not {self.data['image_size']!r}.")
+        if self.input_size is not None and _size(self.input_size) is None:
+            raise ConfigurationError(f"input_size must be two positive integers, not {self.input_size!r}.")
         if not isinstance(self.extra, dict):
             raise ConfigurationError(f"extra must be a mapping, not {self.extra!r}.")
+        if self.feature_node is not None and not (isinstance(self.feature_node, str) and self.feature_node):
+            raise ConfigurationError(f"feature_node must be null or a graph node name, not {self.feature_node!r}.")
 
     def image_size(self) -> tuple[int, int] | None:
-        """The size of the images the victim was trained on: recorded with its data, or for files
-        that predate the record, the fixed size of the recorded DataModule class (looked up among
-        imported classes only). None when unknown."""
+        """The size of the images the victim takes: given when it was wrapped, recorded with its
+        data, or for files that predate the record, the fixed size of the recorded DataModule
+        class (looked up among imported classes only). None when unknown."""
         data = self.data or {}
-        size = data.get("image_size")
+        size = self.input_size or data.get("image_size")
         if size is None:
             size = getattr(imported_object(data.get("class_path")), "image_size", None)
-        if (
-            isinstance(size, list | tuple)
-            and len(size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-        ):
-            return int(size[0]), int(size[1])
-        return None
+        return _size(size)
 
     def to_strings(self) -> dict[str, str]:
         return {"format": FORMAT, **{k: json.dumps(v) for k, v in asdict(self).items()}}
@@ -89,6 +91,16 @@ class VictimMetadata:
         """Metadata read from an untrusted file, checked against this schema (one error otherwise)."""
         values = {key: metadata_json(strings, key, source) for key in strings if key != "format"}
         return build_from_metadata(cls, values, source, "victim metadata")
+
+
+def _size(size: object) -> tuple[int, int] | None:
+    if (
+        isinstance(size, list | tuple)
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        return int(size[0]), int(size[1])
+    return None
 
 
 def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetadata) -> Path:
@@ -101,7 +113,11 @@ def save_repaired_victim(path: str | Path, repaired: Classifier, original: str |
     original's metadata (its attack, so the repaired copy can be evaluated like any victim) and
     a note of who repaired it."""
     metadata = read_victim_metadata(original) or VictimMetadata(
-        repaired.arch, repaired.num_classes, repaired.mean.flatten().tolist(), repaired.std.flatten().tolist()
+        repaired.arch,
+        repaired.num_classes,
+        repaired.mean.flatten().tolist(),
+        repaired.std.flatten().tolist(),
+        feature_node=repaired.feature_node,
     )
     metadata.extra = {**metadata.extra, "repaired_by": repaired_by, "repaired_from": str(original)}
     return save_victim(path, repaired, metadata)
@@ -139,17 +155,17 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
     obj = load_weights(path)
     if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
         prefix = "classifier."
-        state = obj["state_dict"] if _is_state_dict(obj["state_dict"]) else _no_state_dict(path)
+        state = obj["state_dict"] if is_state_dict(obj["state_dict"]) else _no_state_dict(path)
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         stored = obj.get("victim_metadata")
         metadata = build_from_metadata(VictimMetadata, stored, repr(str(path)), "victim metadata") if stored else None
         return weights, metadata
-    if _is_state_dict(obj):
+    if is_state_dict(obj):
         return dict(obj), None
     _no_state_dict(path)
 
 
-def _is_state_dict(obj: object) -> bool:
+def is_state_dict(obj: object) -> bool:
     return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
@@ -170,21 +186,29 @@ def load_victim(
     num_classes: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    image_size: Sequence[int] | None = None,
+    feature_node: str | None = None,
 ) -> Classifier:
     """Load a victim frozen (contract 2) and from weights only (contract 3).
 
-    ``arch`` and ``num_classes`` are needed for a bare third-party state dict; for our own files
-    they are checked against what the file says, so a victim never meets data of another class
-    count unnoticed.
+    ``arch`` and ``num_classes`` are needed for a bare third-party state dict (``image_size`` for
+    networks built for one size, ``feature_node`` to split one elsewhere than the default); for
+    our own files they are checked against what the file says, so a victim never meets data of
+    another class count unnoticed. :func:`wrap_state_dict` turns a bare state dict into a victim
+    file once, so its facts need not be repeated.
     """
     weights, metadata = _read(path)
     if metadata is None:
         if arch is None or num_classes is None:
             raise ConfigurationError(
                 f"{str(path)!r} is a bare state dict without metadata: pass `arch` and `num_classes` "
-                "(and `mean`/`std` if the network was trained on other normalization)."
+                "(and `mean`/`std` if the network was trained on other normalization), or wrap it into a "
+                "victim file once with `lightning-defense wrap` (see `lightning-defense wrap --help`)."
             )
-        metadata = VictimMetadata(arch, num_classes, mean or CIFAR10_MEAN, std or CIFAR10_STD)
+        size = list(image_size) if image_size is not None else None
+        metadata = VictimMetadata(
+            arch, num_classes, mean or CIFAR10_MEAN, std or CIFAR10_STD, feature_node=feature_node, input_size=size
+        )
     if num_classes is not None and num_classes != metadata.num_classes:
         raise ConfigurationError(
             f"Class-count mismatch: victim {str(path)!r} has {metadata.num_classes} classes but the "
@@ -193,7 +217,14 @@ def load_victim(
     if arch is not None and arch != metadata.arch:
         raise ConfigurationError(f"Victim {str(path)!r} is a {metadata.arch!r}, not a {arch!r}.")
     try:
-        classifier = Classifier(metadata.arch, metadata.num_classes, metadata.mean, metadata.std)
+        classifier = Classifier(
+            metadata.arch,
+            metadata.num_classes,
+            metadata.mean,
+            metadata.std,
+            metadata.image_size(),
+            feature_node or metadata.feature_node,
+        )
     except UserInputError as err:
         raise ConfigurationError(f"Victim {str(path)!r}: {err}") from err
     if "mean" not in weights:  # bare state dicts carry only the network
