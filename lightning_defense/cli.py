@@ -297,7 +297,8 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as err:  # a malformed config: jsonargparse's message without its usage wall
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
             raise
-        print(f"error: {_shorten(config_error_message(str(err)))}", file=sys.stderr)
+        command = next((a for a in (sys.argv[1:] if args is None else args) if not a.startswith("-")), "fit")
+        print(f"error: {_shorten(config_error_message(str(err), command))}", file=sys.stderr)
         raise SystemExit(2) from None
     except pickle.UnpicklingError:
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
@@ -331,7 +332,7 @@ def _known_classes(base: type) -> list[str]:
     return sorted(found)
 
 
-def config_error_message(message: str) -> str:
+def config_error_message(message: str, command: str = "fit") -> str:
     """jsonargparse's error without the type-union noise; an unknown class name gets the known ones."""
     lines = [line for line in message.splitlines() if line.strip(" -") and not line.strip(" -").startswith(_NOISE)]
     text = "\n".join(lines)
@@ -341,7 +342,7 @@ def config_error_message(message: str) -> str:
         base = {"model": LightningModule, "data": LightningDataModule}.get(key.group(1) if key else "")
         known = f": use one of {', '.join(_known_classes(base))}" if base else ""
         text = text.replace(unknown.group(0), f"{unknown.group(1)!r} is not a class lightning-defense knows{known}")
-    return text + "\n`lightning fit --help` lists the options; `--print_config` shows the config as parsed."
+    return text + f"\n`lightning {command} --help` lists the options; `--print_config` shows the config as parsed."
 
 
 MAX_MESSAGE = 2000
@@ -403,6 +404,11 @@ def _run(args: list[str] | None) -> None:
         from lightning_defense.study import main as study
 
         study(argv[1:])
+        return
+    if argv[:1] == ["wrap"]:  # a third party's weights into a victim file (lightning_defense.victims.wrap)
+        from lightning_defense.victims.wrap import main as wrap
+
+        wrap(argv[1:])
         return
     build_cli(args)
 
