@@ -233,7 +233,8 @@ class TriggerInversion(nn.Module):
         vote_noise: standard deviation of the noise added to x before the target vote, in the
             victim's normalized input space (official: 0.03).
         poison_fraction: share of each batch replaced by G(x) in step 3 (official: 0.1).
-        image_size: of the victim's inputs, which sets the shape of the feature mask.
+        image_size: of the victim's inputs, which sets the shape of the feature mask; default:
+            the size the victim records.
         replay_generators: step 3 draws each image's generator from this round's G and frozen
             copies of the earlier rounds' (:meth:`remember_generator`), not from G alone.
         pretrain_input_bound: the input distance beyond which pretraining pulls the UNet back
@@ -251,7 +252,7 @@ class TriggerInversion(nn.Module):
         benign_weight: float = 0.01,
         vote_noise: float = 0.03,
         poison_fraction: float = 0.1,
-        image_size: tuple[int, int] = (32, 32),
+        image_size: tuple[int, int] | None = None,
         replay_generators: bool = False,
         pretrain_input_bound: float = 0.1,
         pretrain_generator: bool = True,
@@ -271,8 +272,9 @@ class TriggerInversion(nn.Module):
         )
         self.victim = victim.freeze()
         self.generator = generator
+        size = image_size or victim.image_size or (32, 32)  # a victim of unknown size: CIFAR's
         with torch.no_grad():
-            shape = victim.features(torch.zeros(1, 3, *image_size)).shape[1:]
+            shape = victim.features(torch.zeros(1, 3, *size)).shape[1:]
         self.feature_mask = FeatureMask(tuple(shape))
         self.input_bound, self.feature_bound = input_bound, feature_bound
         self.benign_weight = benign_weight

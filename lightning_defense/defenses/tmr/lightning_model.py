@@ -10,6 +10,8 @@ from torch import nn
 from lightning_defense.defenses.refine.lightning_model import REFINE
 from lightning_defense.defenses.refine.torch_model import ClassificationLoss
 from lightning_defense.defenses.transform_net import BorderPerturbation
+from lightning_defense.errors import ConfigurationError
+from lightning_defense.victims import read_victim_metadata
 
 
 class TMR(REFINE):
@@ -20,7 +22,8 @@ class TMR(REFINE):
 
     Args:
         victim: path of the frozen victim.
-        image_size: the victim's input size (T's parameters are one image of it).
+        image_size: the victim's input size (T's parameters are one image of it); default: the
+            size the victim file records.
         border: width of the learned frame in pixels.
         The other arguments are :class:`REFINE`'s.
     """
@@ -37,7 +40,7 @@ class TMR(REFINE):
     def __init__(
         self,
         victim: str,
-        image_size: int = 32,
+        image_size: int | None = None,
         border: int = 4,
         use_permutation: bool = True,
         permutation_seed: int = 0,
@@ -72,4 +75,18 @@ class TMR(REFINE):
         return BorderPerturbation(**self.transform_config())
 
     def transform_config(self) -> dict[str, Any]:
+        if self.hparams.image_size is None:  # resolved into hparams: an export rebuilds T from them
+            self.hparams.image_size = victim_image_side(self.hparams.victim)
         return {"image_size": self.hparams.image_size, "border": self.hparams.border}
+
+
+def victim_image_side(victim: str) -> int:
+    """The side of the square images the victim file records."""
+    metadata = read_victim_metadata(victim)
+    size = metadata.image_size() if metadata is not None else None
+    if size is None or size[0] != size[1]:
+        raise ConfigurationError(
+            f"T-MR needs the victim's (square) input size, and {victim!r} records {size or 'none'}: set "
+            "model.init_args.image_size."
+        )
+    return size[0]
