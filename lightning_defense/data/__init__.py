@@ -20,6 +20,7 @@ from lightning_defense.data.datamodules import (
     GTSRBDataModule,
     ImageFolderDataModule,
     InMemoryDataModule,
+    TinyImageNetDataModule,
 )
 from lightning_defense.data.datasets import ImageTensorDataset, data_home, load_image_folder, per_class_split
 from lightning_defense.data.embedded_cifar10 import EmbeddedCIFAR10DataModule, load_embedded_cifar10
@@ -47,6 +48,7 @@ __all__ = [
     "EmbeddedCIFAR10DataModule",
     "GTSRBDataModule",
     "ImageFolderDataModule",
+    "TinyImageNetDataModule",
     "InMemoryDataModule",
     "ImageTensorDataset",
     "SyntheticDataModule",

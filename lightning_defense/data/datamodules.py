@@ -20,7 +20,15 @@ from torchvision.transforms import v2
 
 from lightning_defense.attacks import Attack
 from lightning_defense.data.augmentation import CropFlip
-from lightning_defense.data.datasets import ImageTensorDataset, collate, data_home, load_image_folder, per_class_split
+from lightning_defense.data.datasets import (
+    IMAGE_SUFFIXES,
+    ImageTensorDataset,
+    collate,
+    data_home,
+    decode_files,
+    load_image_folder,
+    per_class_split,
+)
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, check_image_size
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -288,6 +296,95 @@ class ImageFolderDataModule(BackdoorDataModule):
 
     def load_test(self) -> tuple[Tensor, Tensor]:
         return self._load(self.test_split)
+
+
+class TinyImageNetDataModule(BackdoorDataModule):
+    """Tiny-ImageNet (64x64 ImageNet classes), the seeds' ImageNet subsets' stand-in on a CPU.
+
+    Reads either layout: the published Tiny-ImageNet-200 zip (``train/<wnid>/images/*.JPEG``,
+    ``val/images/*.JPEG`` labelled by ``val/val_annotations.txt``) or ImageFolder
+    (``train/<wnid>/*``, ``val/<wnid>/*``, as in the shared ``tinyimagenet64-100.tar.gz``). The
+    validation images are the test set (Tiny-ImageNet's test labels are not published).
+
+    Args:
+        root: data folder; default ``<data home>/tinyimagenet64``.
+        num_classes: use the first ``num_classes`` wnids in sorted order (all when ``None``):
+            50 is this project's stand-in for the papers' ImageNet-50.
+        image_size: images are resized to it when they differ (64x64 as published).
+    """
+
+    name = "Tiny-ImageNet"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_classes: int | None = None,
+        image_size: tuple[int, int] = (64, 64),
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser() if root else data_home() / "tinyimagenet64"
+        self.image_size = check_image_size(image_size)
+        if num_classes is not None and num_classes < 2:
+            raise ConfigurationError(f"num_classes must be at least 2, got {num_classes}.")
+        self.requested_classes = num_classes
+        self.classes: list[str] | None = None
+        if num_classes is not None:
+            self.num_classes = num_classes
+
+    def _wnids(self) -> list[str]:
+        if self.classes is None:
+            train = self.root / "train"
+            if not train.is_dir():
+                raise _missing_root(
+                    self.name,
+                    self.root,
+                    "train/<wnid>/images/*.JPEG and val/ (the published zip) or train/<wnid>/*, val/<wnid>/*",
+                    "Unpack the published tiny-imagenet-200.zip, or the shared archive: "
+                    f"`tar -xzf ../shared/data/tinyimagenet64-100.tar.gz -C {self.root.parent}`.",
+                )
+            found = sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+            wanted = self.requested_classes or len(found)
+            if wanted > len(found):
+                raise ConfigurationError(f"{self.name} under {self.root} has {len(found)} classes, not {wanted}.")
+            self.classes, self.num_classes = found[:wanted], wanted
+        return self.classes
+
+    def _published(self) -> bool:
+        return (self.root / "val" / "val_annotations.txt").is_file()
+
+    def load_train(self) -> tuple[Tensor, Tensor]:
+        classes = self._wnids()
+        if not self._published():
+            return load_image_folder(self.root / "train", classes, self.image_size)[:2]
+        files, labels = [], []
+        for label, wnid in enumerate(classes):
+            images = sorted(
+                f for f in (self.root / "train" / wnid / "images").glob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+            )
+            files += images
+            labels += [label] * len(images)
+        return decode_files(files, self.image_size, f"Decoding {self.root / 'train'}"), torch.tensor(labels)
+
+    def load_test(self) -> tuple[Tensor, Tensor]:
+        classes = self._wnids()
+        if not self._published():
+            return load_image_folder(self.root / "val", classes, self.image_size)[:2]
+        index = {wnid: label for label, wnid in enumerate(classes)}
+        annotated = []
+        for line in (self.root / "val" / "val_annotations.txt").read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 2 and fields[1] in index:
+                annotated.append((fields[0], index[fields[1]]))
+        annotated.sort()
+        files = [self.root / "val" / "images" / name for name, _ in annotated]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise InputNotFoundError(
+                f"val_annotations.txt names {len(missing)} images that are missing, e.g. {missing[0]}."
+            )
+        images = decode_files(files, self.image_size, f"Decoding {self.root / 'val'}")
+        return images, torch.tensor([label for _, label in annotated])
 
 
 class GTSRBDataModule(ImageFolderDataModule):
