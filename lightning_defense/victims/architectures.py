@@ -136,42 +136,14 @@ class VGG16BN(nn.Module):
         return self.head(self.features(x))
 
 
-class _BackdoorBenchPreActBlock(nn.Module):
-    """BackdoorBench's PreActBlock: the shortcut (a bare 1x1 conv) reads relu(bn1(x)), not x."""
+class _BackdoorBenchPreActBlock(PreActBlock):
+    """BackdoorBench's PreActBlock: this project's, with the shortcut conv inside a Sequential
+    (parameter names ``shortcut.0.*``). BackdoorBox's BasicBlock is this project's as it is."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
-
-
-class _BackdoorBoxBlock(nn.Module):
-    """BackdoorBox's BasicBlock (an empty ``shortcut`` Sequential where the shapes agree)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        super().__init__(in_planes, planes, stride)
+        if self.shortcut is not None:
+            self.shortcut = nn.Sequential(self.shortcut)
 
 
 def _stages(block: type[nn.Module], widths: tuple[int, ...], strides: tuple[int, ...]) -> list[nn.Sequential]:
@@ -218,7 +190,7 @@ class BackdoorBoxResNet18(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.layer1, self.layer2, self.layer3, self.layer4 = _stages(
-            _BackdoorBoxBlock, (64, 128, 256, 512), (1, 2, 2, 2)
+            BasicBlock, (64, 128, 256, 512), (1, 2, 2, 2)
         )
         self.linear = nn.Linear(512, num_classes)
 

@@ -23,6 +23,7 @@ from lightning_defense.attacks.input_aware import (
     save_generators,
 )
 from lightning_defense.callbacks import run_folder
+from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.safetensors_io import sha256
@@ -178,7 +179,7 @@ class InputAwareVictimTrainer(VictimTrainer):
                 f"trainer.max_epochs ({max_epochs}) leaves no epoch to train the backdoor after "
                 f"{self.hparams.mask_epochs} mask epochs: set max_epochs to mask_epochs + the backdoor's epochs."
             )
-        image_size = getattr(datamodule, "image_size", None)
+        image_size = served_image_size(datamodule)
         if image_size is not None:
             self.attack.check(tuple(image_size), self.hparams.num_classes)
             self.generators.check_image_size(image_size)
