@@ -161,23 +161,27 @@ def trained_looking(network: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("arch", "preact", "normalization"),
+    ("arch", "preact", "normalization", "bgr"),
     [
-        ("backdoorbench_preactresnet18", True, BACKDOORBENCH_CIFAR10),
-        ("backdoorbox_resnet18", False, ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])),  # BackdoorBox feeds [0, 1] pixels
+        ("backdoorbench_preactresnet18", True, BACKDOORBENCH_CIFAR10, False),
+        ("backdoorbox_resnet18", False, ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]), False),  # BackdoorBox feeds [0, 1] pixels
+        # the official REFINE code: BackdoorBox's network on OpenCV's BGR images, its own std
+        ("backdoorbox_resnet18", False, ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]), True),
     ],
 )
 def test_a_toolbox_state_dict_loads_under_its_own_names_and_predicts_as_its_network(
-    arch, preact, normalization, tmp_path
+    arch, preact, normalization, bgr, tmp_path
 ):
     reference = trained_looking(PublishedResNet(preact))
     # BackdoorBench's attack_result.pt: the state dict under `model`, beside other entries
     torch.save({"model": reference.state_dict(), "model_name": "preactresnet18", "num_classes": 10}, tmp_path / "r.pt")
     mean, std = normalization
-    wrap(tmp_path / "r.pt", out=tmp_path / "v.safetensors", arch=arch, num_classes=10, mean=mean, std=std, key="model")
+    out = tmp_path / "v.safetensors"
+    wrap(tmp_path / "r.pt", out=out, arch=arch, num_classes=10, mean=mean, std=std, key="model", bgr=bgr)
     victim = load_victim(tmp_path / "v.safetensors")
-    images = torch.rand(8, 3, 32, 32)
-    expected = reference((images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    images = torch.rand(8, 3, 32, 32)  # RGB, as everywhere in lightning-defense
+    seen = images.flip(1) if bgr else images  # what the toolbox's own pipeline fed its network
+    expected = reference((seen - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
     torch.testing.assert_close(victim(images), expected, atol=1e-4, rtol=1e-4)
     assert victim.frozen and read_victim_metadata(tmp_path / "v.safetensors").arch == arch
 

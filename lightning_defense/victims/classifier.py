@@ -29,6 +29,9 @@ class Classifier(nn.Module):
         feature_node: where :meth:`features` ends, for a network without a split of its own or
             timm's (a torchvision graph node name, e.g. ``layer3``); default: the input of the
             global pooling or token selection nearest the output.
+        bgr: the network was trained on BGR images (OpenCV's order, e.g. the official REFINE
+            code's victims); the wrapper still takes RGB and reverses the channels, before
+            ``mean``/``std``, which are then in BGR order.
     """
 
     def __init__(
@@ -39,8 +42,10 @@ class Classifier(nn.Module):
         std: Sequence[float] = CIFAR10_STD,
         image_size: tuple[int, int] | None = None,
         feature_node: str | None = None,
+        bgr: bool = False,
     ) -> None:
         super().__init__()
+        self.bgr = bgr
         self.arch = arch
         self.num_classes = num_classes
         self.image_size = tuple(image_size) if image_size is not None else None
@@ -69,6 +74,8 @@ class Classifier(nn.Module):
         return self.split.linear
 
     def normalize(self, images: Tensor) -> Tensor:
+        if self.bgr:
+            images = images.flip(1)
         return (images - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:

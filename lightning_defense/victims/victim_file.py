@@ -41,6 +41,8 @@ class VictimMetadata:
     feature_node: str | None = None
     #: ``[height, width]`` the victim takes, for a victim without the record of its data (a wrapped one)
     input_size: list[int] | None = None
+    #: the network takes BGR images (see :class:`~lightning_defense.victims.Classifier`)
+    bgr: bool = False
 
     def __post_init__(self) -> None:
         # also a schema for metadata read from files (build_from_metadata turns these into one error)
@@ -70,6 +72,8 @@ class VictimMetadata:
             raise ConfigurationError(f"input_size must be two positive integers, not {self.input_size!r}.")
         if not isinstance(self.extra, dict):
             raise ConfigurationError(f"extra must be a mapping, not {self.extra!r}.")
+        if not isinstance(self.bgr, bool):
+            raise ConfigurationError(f"bgr must be true or false, not {self.bgr!r}.")
         if self.feature_node is not None and not (isinstance(self.feature_node, str) and self.feature_node):
             raise ConfigurationError(f"feature_node must be null or a graph node name, not {self.feature_node!r}.")
 
@@ -118,6 +122,7 @@ def save_repaired_victim(path: str | Path, repaired: Classifier, original: str |
         repaired.mean.flatten().tolist(),
         repaired.std.flatten().tolist(),
         feature_node=repaired.feature_node,
+        bgr=repaired.bgr,
     )
     metadata.extra = {**metadata.extra, "repaired_by": repaired_by, "repaired_from": str(original)}
     return save_victim(path, repaired, metadata)
@@ -224,6 +229,7 @@ def load_victim(
             metadata.std,
             metadata.image_size(),
             feature_node or metadata.feature_node,
+            metadata.bgr,
         )
     except UserInputError as err:
         raise ConfigurationError(f"Victim {str(path)!r}: {err}") from err

@@ -61,6 +61,7 @@ def wrap(
     feature_node: str | None = None,
     attack: Attack | None = None,
     key: str | None = None,
+    bgr: bool = False,
     overwrite: bool = False,
 ) -> VictimMetadata:
     """Write ``source``'s weights as the victim file ``out`` and print what it holds.
@@ -80,6 +81,8 @@ def wrap(
         attack: the attack the network carries, to measure ASR/RA (``class_path``/``init_args``
             of a lightning-defense attack with its trigger settings); none: a clean or unknown one.
         key: the entry of a checkpoint that holds the state dict (BackdoorBench: ``model``).
+        bgr: the network was trained on BGR images (OpenCV; the official REFINE code's victims);
+            ``mean``/``std`` are then in BGR order.
         overwrite: replace an existing ``out``.
     """
     out = Path(out)
@@ -98,8 +101,9 @@ def wrap(
         extra={"wrapped_from": Path(source).name},
         feature_node=feature_node,
         input_size=size,
+        bgr=bgr,
     )
-    classifier = Classifier(arch, num_classes, metadata.mean, metadata.std, metadata.image_size(), feature_node)
+    classifier = Classifier(arch, num_classes, metadata.mean, metadata.std, metadata.image_size(), feature_node, bgr)
     try:
         classifier.network.load_state_dict(weights)
     except RuntimeError as err:
@@ -114,7 +118,8 @@ def wrap(
     parameters = sum(p.numel() for p in classifier.network.parameters())
     print(
         f"Wrote {out}: {arch}, {num_classes} classes, {parameters:,} parameters, input "
-        f"{'x'.join(map(str, image_size)) if image_size else 'any size'}, mean {list(mean)}, std {list(std)}, "
+        f"{'x'.join(map(str, image_size)) if image_size else 'any size'}{', BGR' if bgr else ''}, mean {list(mean)}, "
+        f"std {list(std)}, "
         f"attack {metadata.attack['class_path'] if metadata.attack else 'none'}."
     )
     return metadata
