@@ -189,9 +189,7 @@ class BackdoorBoxResNet18(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(
-            BasicBlock, (64, 128, 256, 512), (1, 2, 2, 2)
-        )
+        self.layer1, self.layer2, self.layer3, self.layer4 = _stages(BasicBlock, (64, 128, 256, 512), (1, 2, 2, 2))
         self.linear = nn.Linear(512, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
