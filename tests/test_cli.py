@@ -162,6 +162,7 @@ LAYER_BASES = {
     "bdmae": "bdmae.yaml",
     "tmr": "tmr.yaml",
     "shrinkpad": "shrinkpad.yaml",
+    "tinyimagenet": "refine.yaml",
 }
 
 
