@@ -12,6 +12,7 @@ from lightning import LightningModule, Trainer
 from lightning_defense.attacks import BadNets
 from lightning_defense.data import DefenseDataModule, ReservedData, SeenData, SyntheticDataModule
 from lightning_defense.defenses import REFINE, TMR, BTIDBFPurification, BTIDBFUnlearning, FineTune, ShrinkPad
+from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import Classifier, VictimMetadata, save_victim
 
 SMALL_T = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
@@ -63,3 +64,15 @@ def test_every_defense_runs_on_library_victims_at_every_size(defense, arch, size
     logged = trainer.callback_metrics
     for name in ("ba", "asr", "ra", "victim_ba"):
         assert 0 <= float(logged[f"val/{name}"]) <= 1, sorted(logged)
+
+
+def test_btidbf_refuses_data_of_another_size_than_its_feature_mask(tmp_path):
+    """A victim that records no size gets a mask for 32x32; 64x64 data is one clear error, not a
+    shape mismatch deep in the mask step."""
+    path = tmp_path / "bare.safetensors"
+    save_victim(path, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
+    source = SyntheticDataModule(train_per_class=2, test_per_class=1, image_size=(64, 64), reserved_fraction=0.5)
+    data = DefenseDataModule(source, ReservedData(), victim=str(path), batch_size=4)
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ConfigurationError, match="feature mask for 32x32 images.*serves 64x64.*--image_size"):
+        trainer.fit(BTIDBFUnlearning(str(path), **ONE_ROUND), datamodule=data)

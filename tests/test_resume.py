@@ -3,6 +3,7 @@ metrics of a run that was never interrupted (CPU, same seed; issue 6)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -30,7 +31,8 @@ def refine(tmp_path: Path) -> dict:
     torch.manual_seed(0)
     save_victim(victim, Classifier("resnet20", 10), VictimMetadata("resnet20", 10, attack=BadNets().config()))
     model = {"victim": str(victim), "encoder_depth": 3, "decoder_channels": [16, 8, 4], "contrastive_weight": 1.0}
-    data = {"source": SOURCE, "aux_data": {"class_path": "SeenData"}, "victim": str(victim), "batch_size": 16}
+    source = copy.deepcopy(SOURCE)  # tests change it: never the module's
+    data = {"source": source, "aux_data": {"class_path": "SeenData"}, "victim": str(victim), "batch_size": 16}
     return {
         "model": {"class_path": "REFINE", "init_args": model},
         "data": {"class_path": "DefenseDataModule", "init_args": data},

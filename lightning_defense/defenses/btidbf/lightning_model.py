@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from lightning_defense.callbacks import FigureRow, run_folder
+from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf.torch_model import (
     Phase,
@@ -187,6 +188,13 @@ class BTIDBF(DefenseModule):
                 f"so max_epochs = {self.schedule.total_epochs} (was {self.trainer.max_epochs})."
             )
             self.trainer.fit_loop.max_epochs = self.schedule.total_epochs
+        served = served_image_size(self.trainer.datamodule)
+        if served is not None and tuple(served) != self.model.image_size:
+            raise ConfigurationError(
+                f"BTI-DBF shaped its feature mask for {self.model.image_size[0]}x{self.model.image_size[1]} images "
+                f"(the victim records no size), but the data serves {served[0]}x{served[1]}: record the victim's size "
+                "(`lightning wrap ... --image_size`) or serve images of its size."
+            )
         self._validate_after_block(0)
 
     def _validate_after_block(self, epoch: int) -> None:

@@ -273,6 +273,8 @@ class TriggerInversion(nn.Module):
         self.victim = victim.freeze()
         self.generator = generator
         size = image_size or victim.image_size or (32, 32)  # a victim of unknown size: CIFAR's
+        #: the input size the feature mask was shaped for
+        self.image_size = tuple(size)
         with torch.no_grad():
             shape = victim.features(torch.zeros(1, 3, *size)).shape[1:]
         self.feature_mask = FeatureMask(tuple(shape))
