@@ -98,6 +98,17 @@ class DefenseCLI(LightningCLI):
     :class:`~lightning_defense.trainer.DefenseTrainer` (precision and memory layout from the
     hardware) with CPU threads shared out between the run's processes."""
 
+    def before_instantiate_classes(self) -> None:
+        """The victim is given once (contract 2): a defense's data without a victim or an attack
+        of its own evaluates the model's victim (``model.init_args.victim``)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        victim = config.get("model.init_args.victim")
+        data = config.get("data.init_args")
+        if not isinstance(victim, str) or data is None or "victim" not in data or "attack" not in data:
+            return
+        if data.get("victim") is None and data.get("attack") is None:
+            config["data.init_args.victim"] = victim
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # the rich bar is a default, not an order: `enable_progress_bar: false` or another bar wins
         given = [*callbacks, *(config.get("callbacks") or [])]
