@@ -18,7 +18,13 @@ from typing import Any, NoReturn
 import torch
 
 from lightning_defense.checkpoint_io import imported_object, load_weights
-from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
+from lightning_defense.errors import (
+    ConfigurationError,
+    InputNotFoundError,
+    UntrustedCheckpointError,
+    UserInputError,
+    check_image_size,
+)
 from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
@@ -98,13 +104,11 @@ class VictimMetadata:
 
 
 def _size(size: object) -> tuple[int, int] | None:
-    if (
-        isinstance(size, list | tuple)
-        and len(size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
-    ):
-        return int(size[0]), int(size[1])
-    return None
+    """``(height, width)`` when ``size`` is a valid image size (:func:`check_image_size`), else None."""
+    try:
+        return check_image_size(size)
+    except ConfigurationError:
+        return None
 
 
 def save_victim(path: str | Path, classifier: Classifier, metadata: VictimMetadata) -> Path:
