@@ -37,7 +37,7 @@ CASES = [
 def victim_file(tmp_path: Path, arch: str, size: int) -> str:
     torch.manual_seed(0)
     path = tmp_path / "victim.safetensors"
-    attack = BadNets(target=1, patch_size=max(3, size // 10)).config()  # a trigger that scales with the image
+    attack = BadNets(target=1).config()  # its patch scales with the image
     metadata = VictimMetadata(arch, 10, attack=attack, input_size=[size, size])
     save_victim(path, Classifier(arch, 10, image_size=(size, size)), metadata)
     return str(path)

@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from lightning_defense.attacks import BATT, SIG, BadNets, Blended, BppAttack, PhysicalBA, WaNet, attack_from_config
+from lightning_defense.attacks import (
+    BATT,
+    SIG,
+    BadNets,
+    Blended,
+    BppAttack,
+    LabelConsistent,
+    PhysicalBA,
+    WaNet,
+    attack_from_config,
+)
 from lightning_defense.attacks.base import to_float, to_uint8
 from lightning_defense.data import SyntheticDataModule
 
@@ -26,10 +36,35 @@ def test_badnets_changes_only_the_trigger_pixels():
 
 def test_badnets_position_and_seeded_pattern():
     a, b = BadNets(position=(0, 0), seed=1), BadNets(position=(0, 0), seed=1)
-    assert torch.equal(a.pattern, b.pattern)
-    assert not torch.equal(a.pattern, BadNets(seed=2).pattern)
+    assert torch.equal(a.pattern(3), b.pattern(3))
+    assert not torch.equal(a.pattern(3), BadNets(seed=2).pattern(3))
     out = a.apply(batch())
-    assert torch.equal(out[:, :, :3, :3], a.pattern.expand(8, -1, -1, -1))
+    assert torch.equal(out[:, :, :3, :3], a.pattern(3).expand(8, -1, -1, -1))
+
+
+@pytest.mark.parametrize(("size", "side"), [(32, 3), (64, 6), (224, 21), (48, 4)])
+def test_badnets_patch_scales_with_the_image_unless_given(size, side):
+    images = torch.rand(2, 3, size, size)
+    changed = (BadNets().apply(images) != images).any(dim=1)
+    rows, cols = changed.any(dim=2).any(dim=0), changed.any(dim=1).any(dim=0)
+    assert int(rows.sum()) == side and int(cols.sum()) == side  # a side x side square ...
+    assert changed[:, -side:, -side:].float().mean() > 0.9  # ... in the bottom-right corner
+    fixed = (BadNets(patch_size=3).apply(images) != images).any(dim=1)
+    assert not fixed[:, : size - 3].any() and not fixed[:, :, : size - 3].any()
+
+
+def test_scaled_badnets_at_32_is_the_recorded_3x3_patch():
+    # victim files record `patch_size: 3`; the scaled default must poison CIFAR images identically
+    images = batch()
+    assert torch.equal(BadNets(seed=4).apply(images), BadNets(seed=4, patch_size=3).apply(images))
+
+
+@pytest.mark.parametrize(("size", "side"), [(32, 3), (64, 6)])
+def test_label_consistent_corner_squares_scale_with_the_image(size, side):
+    images = torch.full((1, 3, size, size), 0.5)
+    changed = (LabelConsistent().apply(images) != images).any(dim=1)[0]
+    assert int(changed[:, :side].any(dim=1).sum()) == 2 * side  # top-left and bottom-left squares
+    assert not changed[side:-side].any()
 
 
 def test_blended_is_a_convex_blend():

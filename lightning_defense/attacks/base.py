@@ -23,6 +23,12 @@ from lightning_defense.safetensors_io import build_from_metadata
 LabelMode = Literal["all_to_one", "all_to_all"]
 
 
+def scaled_side(side_at_32: int, height: int, width: int) -> int:
+    """A trigger's side that keeps its share of the image: ``side_at_32`` pixels per 32 pixels of
+    the shorter side (BadNets' 3 is 6 at 64 and 21 at 224, the seed papers' ImageNet patch)."""
+    return max(1, round(side_at_32 * min(height, width) / 32))
+
+
 def to_float(images: Tensor) -> Tensor:
     return images.float().div_(255)
 

@@ -12,7 +12,7 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from lightning_defense.attacks.adaptive_patch import corner_positions, paste_patch
-from lightning_defense.attacks.base import Attack, LabelMode, to_float, to_uint8
+from lightning_defense.attacks.base import Attack, LabelMode, scaled_side, to_float, to_uint8
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.victims import Classifier, load_victim, read_victim_metadata
 
@@ -59,7 +59,8 @@ class LabelConsistent(Attack):
         epsilon: L-infinity radius of the perturbation, in [0, 1] pixel units.
         step_size: PGD step, in [0, 1] pixel units.
         steps: PGD steps.
-        trigger_size: side of each corner square in pixels.
+        trigger_size: side of each corner square in pixels; ``None`` scales it with the image, 3
+            pixels per 32 of the shorter side (the paper's 3x3 at 32).
         batch_size: images perturbed at once.
         device: where PGD runs; ``None`` uses the GPU when there is one.
     """
@@ -76,7 +77,7 @@ class LabelConsistent(Attack):
         epsilon: float = 8 / 255,
         step_size: float = 1.5 / 255,
         steps: int = 100,
-        trigger_size: int = 3,
+        trigger_size: int | None = None,
         batch_size: int = 128,
         device: str | None = None,
     ) -> None:
@@ -86,9 +87,10 @@ class LabelConsistent(Attack):
                 f"epsilon must be in (0, 1] and step_size > 0 ([0, 1] pixel units, e.g. 8/255 = 0.0314), got "
                 f"{epsilon} and {step_size}."
             )
-        if steps < 1 or trigger_size < 1 or batch_size < 1:
+        if steps < 1 or (trigger_size is not None and trigger_size < 1) or batch_size < 1:
             raise ConfigurationError(
-                f"steps, trigger_size and batch_size must be >= 1, got {steps}, {trigger_size} and {batch_size}."
+                f"steps, trigger_size and batch_size must be >= 1 (trigger_size may be null: scaled), got {steps}, "
+                f"{trigger_size} and {batch_size}."
             )
         self.clean_model = clean_model
         self.epsilon = epsilon
@@ -97,16 +99,26 @@ class LabelConsistent(Attack):
         self.trigger_size = trigger_size
         self.batch_size = batch_size
         self.device = device
-        rows, cols = torch.meshgrid(torch.arange(trigger_size), torch.arange(trigger_size), indexing="ij")
+
+    def side(self, height: int, width: int) -> int:
+        """The corner squares' side on images of this size."""
+        return self.trigger_size if self.trigger_size is not None else scaled_side(3, height, width)
+
+    @staticmethod
+    def corner_patterns(side: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four corners' checkerboards (top-left, top-right, bottom-left, bottom-right), CHW."""
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         checkerboard = ((rows + cols) % 2 == 0).float()
         checkerboard[0, 0] = 0
-        self.right_pattern = checkerboard.expand(3, -1, -1)
-        self.left_pattern = self.right_pattern.flip(-1)
+        right = checkerboard.expand(3, -1, -1)
+        left = right.flip(-1)
+        return left, right, left, right
 
     def _check_fits(self, height: int, width: int) -> None:
-        if 2 * self.trigger_size > min(height, width):
+        side = self.side(height, width)
+        if 2 * side > min(height, width):
             raise ConfigurationError(
-                f"Four {self.trigger_size}x{self.trigger_size} corner triggers overlap in a {height}x{width} image: "
+                f"Four {side}x{side} corner triggers overlap in a {height}x{width} image: "
                 f"use trigger_size <= {min(height, width) // 2}."
             )
 
@@ -119,8 +131,8 @@ class LabelConsistent(Attack):
         height, width = images.shape[-2:]
         self._check_fits(height, width)
         out = images.clone()
-        patterns = (self.left_pattern, self.right_pattern, self.left_pattern, self.right_pattern)
-        for pattern, position in zip(patterns, corner_positions(self.trigger_size, height, width), strict=True):
+        side = self.side(height, width)
+        for pattern, position in zip(self.corner_patterns(side), corner_positions(side, height, width), strict=True):
             paste_patch(out, pattern, position)
         return out
 

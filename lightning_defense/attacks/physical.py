@@ -16,6 +16,7 @@ class PhysicalBA(BadNets):
     warp itself a trigger the network can learn instead of the patch. Test images carry the plain patch.
 
     Args:
+        patch_size, position: as :class:`BadNets` (the patch scales with the image by default).
         brightness, contrast: ColorJitter strengths (the seeds' 0.2 and 0.2).
         degrees, translate, scale: RandomAffine (the seeds' 10 degrees, 0.1, 0.8 to 0.9).
     """
@@ -26,7 +27,7 @@ class PhysicalBA(BadNets):
         poison_rate: float = 0.1,
         label_mode: LabelMode = "all_to_one",
         seed: int = 0,
-        patch_size: int = 3,
+        patch_size: int | None = None,
         position: tuple[int, int] | None = None,
         brightness: float = 0.2,
         contrast: float = 0.2,
