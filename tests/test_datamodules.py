@@ -6,6 +6,7 @@ import torch
 from lightning_defense.attacks import BadNets
 from lightning_defense.data import (
     CIFAR10DataModule,
+    CIFAR100DataModule,
     CINIC10DataModule,
     EmbeddedCIFAR10DataModule,
     GTSRBDataModule,
@@ -188,3 +189,85 @@ def test_batches_are_indexed_at_once_and_equal_per_image_loading():
         loaded, labels = next(iter(DataLoader(data, batch_size=4, collate_fn=collate)))
         assert loaded.shape == (4, 3, 4, 4) and loaded.dtype == torch.float32 and labels.tolist() == [0, 1, 2, 3]
         assert torch.equal(loaded, images[:4].flip(-1).float() / 255)
+
+
+def test_cifar100_torchvision_format(tmp_path, monkeypatch):
+    """torchvision's CIFAR-100 layout (cifar-100-python): fine labels, 100 classes."""
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR100
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in (("train", 200), ("test", 100)):
+        data = {
+            "data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            "fine_labels": [i % 100 for i in range(count)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(data, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i:02d}" for i in range(100)]}, f)
+    monkeypatch.setattr(CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
+    dm = CIFAR100DataModule(str(tmp_path), reserved_fraction=0.0, augment=False, attack=BadNets(target=99))
+    dm.setup()
+    assert dm.num_classes == 100 and len(dm.train_set) == 200 and len(dm.test_set) == 100
+    assert dm.test_set.labels.tolist() == [i % 100 for i in range(100)]
+    assert len(dm.poisoned_test_set) == 99  # every test image but the target class's
+
+
+def write_gtsrb_official(root, sizes=((30, 34), (50, 45))):
+    """The layout torchvision's GTSRB unpacks: per-class training folders of PPMs (with the CSVs
+    the archive holds beside them) and one test folder labelled by GT-final_test.csv."""
+    from PIL import Image
+
+    base = root / "gtsrb"
+    for label in (0, 42):
+        folder = base / "GTSRB" / "Training" / f"{label:05d}"
+        folder.mkdir(parents=True)
+        (folder / f"GT-{label:05d}.csv").write_text("Filename;Width;Height;ClassId\n")
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size, (label * 6, 10 * i, 0)).save(folder / f"00000_{i:05d}.ppm")
+    test = base / "GTSRB" / "Final_Test" / "Images"
+    test.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, label in enumerate((42, 0, 42)):
+        Image.new("RGB", (40, 40), (label * 6, 0, 0)).save(test / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;40;40;5;5;35;35;{label}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_gtsrb_torchvision_layout_is_read_and_resized(tmp_path):
+    write_gtsrb_official(tmp_path)
+    dm = GTSRBDataModule(str(tmp_path), reserved_fraction=0.0, augment=False)
+    dm.setup()
+    assert dm.train_set.images.shape == (4, 3, 32, 32)
+    assert sorted(dm.train_set.labels.tolist()) == [0, 0, 42, 42]
+    assert dm.test_set.labels.tolist() == [42, 0, 42]  # the CSV's labels, in its order
+    assert int(dm.test_set.images[0, 0, 16, 16]) == 252  # 42 * 6, the image written for that row
+
+
+@pytest.mark.parametrize("module", ["gtsrb", "cifar100"])
+def test_download_offline_names_the_manual_layout(tmp_path, monkeypatch, module):
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    if module == "gtsrb":
+        monkeypatch.setattr("torchvision.datasets.gtsrb.download_and_extract_archive", offline)
+        dm, layout = GTSRBDataModule(str(tmp_path), download=True), "GTSRB/Training/<class>/\\*.ppm"
+    else:
+        monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+        dm, layout = CIFAR100DataModule(str(tmp_path), download=True), "cifar-100-python exists"
+    with pytest.raises(FileNotFoundError, match=f"could not be downloaded.*name resolution.*{layout}.*download: false"):
+        dm.setup()
+
+
+def test_missing_cifar100_and_gtsrb_say_download_true(tmp_path):
+    for dm in (CIFAR100DataModule(str(tmp_path)), GTSRBDataModule(str(tmp_path))):
+        with pytest.raises(FileNotFoundError, match="download: true"):
+            dm.setup()

@@ -16,6 +16,7 @@ from lightning_defense.data.calibration import Calibrated, calibrate_inputs
 from lightning_defense.data.datamodules import (
     BackdoorDataModule,
     CIFAR10DataModule,
+    CIFAR100DataModule,
     CINIC10DataModule,
     GTSRBDataModule,
     ImageFolderDataModule,
@@ -44,6 +45,7 @@ __all__ = [
     "calibrate_inputs",
     "BackdoorDataModule",
     "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "CINIC10DataModule",
     "EmbeddedCIFAR10DataModule",
     "GTSRBDataModule",

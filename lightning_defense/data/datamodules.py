@@ -9,8 +9,11 @@ poisoned test set for the attack success rate. Validation and test loaders are
 
 from __future__ import annotations
 
+import csv
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from lightning import LightningDataModule
@@ -30,6 +33,8 @@ from lightning_defense.data.datasets import (
     per_class_split,
 )
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, check_image_size
+
+T = TypeVar("T")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -204,43 +209,65 @@ def _missing_root(name: str, root: Path, layout: str, how: str) -> InputNotFound
     )
 
 
-class CIFAR10DataModule(BackdoorDataModule):
-    """CIFAR-10 from torchvision's format (``root/cifar-10-batches-py``, downloadable) or an
-    ImageFolder tree (``root/{train,test}/<class>/*``, the layout of the shared JPEG archive).
+def _download(name: str, root: Path, build: Callable[[], T], manual: str) -> T:
+    """A torchvision data set built with ``download=True``: offline or refused, one error that names
+    the layout to put in place by hand."""
+    try:
+        return build()
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision's md5 check raises RuntimeError
+        raise InputNotFoundError(
+            f"{name} could not be downloaded into {root} ({err}). Without internet, put the files in place by "
+            f"hand: {manual} Then run again with `download: false`."
+        ) from err
 
-    Args:
-        root: data folder; default ``<data home>/cifar10-jpeg``.
-        download: let torchvision download CIFAR-10 into ``root`` when it is missing (online only).
-    """
 
-    num_classes = 10
+class _CIFARDataModule(BackdoorDataModule):
+    """CIFAR in torchvision's format (``root/<batches folder>``, downloadable) or an ImageFolder
+    tree (``root/{train,test}/<class>/*``, the layout of the shared JPEG archive)."""
+
+    name: str
+    default_root: str
+    #: torchvision's folder of pickled batches inside ``root``
+    batches_folder: str
+    #: class names in label order (an ImageFolder tree is read in this order)
+    classes: tuple[str, ...] | None
+    how_to_get: str
 
     def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.root = Path(root).expanduser() if root else data_home() / "cifar10-jpeg"
+        self.root = Path(root).expanduser() if root else data_home() / self.default_root
         self.download = download
 
-    def _torchvision(self, train: bool) -> tuple[Tensor, Tensor] | None:
-        if not (self.download or (self.root / "cifar-10-batches-py").is_dir()):
-            return None
-        from torchvision.datasets import CIFAR10
+    @staticmethod
+    @abstractmethod
+    def _torchvision_class() -> type:
+        """torchvision's data set class, imported when first needed."""
 
-        dataset = CIFAR10(str(self.root), train=train, download=self.download)
+    def _torchvision(self, train: bool) -> tuple[Tensor, Tensor] | None:
+        if not (self.download or (self.root / self.batches_folder).is_dir()):
+            return None
+        dataset_class = self._torchvision_class()
+        dataset = _download(
+            self.name,
+            self.root,
+            lambda: dataset_class(str(self.root), train=train, download=self.download),
+            f"the official python archive unpacked so that {self.root / self.batches_folder} exists, or "
+            f"{self.root}/train/<class>/*.png and test/<class>/*.png (ImageFolder).",
+        )
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets)
 
     def _load(self, split: str) -> tuple[Tensor, Tensor]:
         if (self.root / split).is_dir():
-            images, labels, _ = load_image_folder(self.root / split, CIFAR10_CLASSES)
+            images, labels, _ = load_image_folder(self.root / split, self.classes)
             return images, labels
         loaded = self._torchvision(train=split == "train")
         if loaded is None:
             raise _missing_root(
-                "CIFAR-10",
+                self.name,
                 self.root,
-                "train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder) or cifar-10-batches-py/",
-                "Online, set `download: true`; here, unpack the shared archive: "
-                f"`mkdir -p {self.root.parent} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {self.root.parent}`.",
+                f"train/<class>/*.jpg and test/<class>/*.jpg (ImageFolder) or {self.batches_folder}/",
+                f"Online, set `download: true`. {self.how_to_get}",
             )
         return loaded
 
@@ -249,6 +276,59 @@ class CIFAR10DataModule(BackdoorDataModule):
 
     def load_test(self) -> tuple[Tensor, Tensor]:
         return self._load("test")
+
+
+class CIFAR10DataModule(_CIFARDataModule):
+    """CIFAR-10 from torchvision's format (``root/cifar-10-batches-py``, downloadable) or an
+    ImageFolder tree (``root/{train,test}/<class>/*``, the layout of the shared JPEG archive).
+
+    Args:
+        root: data folder; default ``<data home>/cifar10-jpeg``.
+        download: let torchvision download CIFAR-10 into ``root`` when it is missing (online only).
+    """
+
+    name = "CIFAR-10"
+    default_root = "cifar10-jpeg"
+    batches_folder = "cifar-10-batches-py"
+    classes = CIFAR10_CLASSES
+    num_classes = 10
+
+    @property
+    def how_to_get(self) -> str:
+        return (
+            "Here, unpack the shared archive: "
+            f"`mkdir -p {self.root.parent} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {self.root.parent}`."
+        )
+
+    @staticmethod
+    def _torchvision_class() -> type:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10
+
+
+class CIFAR100DataModule(_CIFARDataModule):
+    """CIFAR-100 (100 fine classes) from torchvision's format (``root/cifar-100-python``,
+    downloadable) or an ImageFolder tree (``root/{train,test}/<class>/*``, class folders named by
+    the fine labels, which torchvision orders alphabetically as an ImageFolder does).
+
+    Args:
+        root: data folder; default ``<data home>/cifar100``.
+        download: let torchvision download CIFAR-100 into ``root`` when it is missing (online only).
+    """
+
+    name = "CIFAR-100"
+    default_root = "cifar100"
+    batches_folder = "cifar-100-python"
+    classes = None
+    num_classes = 100
+    how_to_get = "Offline, unpack cifar-100-python.tar.gz (from the CIFAR page) into root."
+
+    @staticmethod
+    def _torchvision_class() -> type:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100
 
 
 class ImageFolderDataModule(BackdoorDataModule):
@@ -388,20 +468,57 @@ class TinyImageNetDataModule(BackdoorDataModule):
 
 
 class GTSRBDataModule(ImageFolderDataModule):
-    """GTSRB (43 traffic-sign classes) in ImageFolder layout, class folders ``00000``..``00042``;
-    images are resized to 32x32. No horizontal flip: it changes the meaning of signs."""
+    """GTSRB (43 traffic-sign classes), images resized to 32x32, from an ImageFolder tree
+    (``root/{train,test}/<class>``, class folders ``00000``..``00042``: the shared archive) or
+    torchvision's layout of the official archives (``root/gtsrb/GTSRB/...``, downloadable).
+    No horizontal flip: it changes the meaning of signs.
+
+    Args:
+        download: let torchvision download the official archives into ``root`` (online only).
+    """
 
     name = "GTSRB"
     default_root = "gtsrb32"
     num_classes = 43
     how_to_get = (
-        "Unpack the shared archive: `tar -xzf ../shared/data/gtsrb32-jpeg.tar.gz -C <data home>`, "
-        "or arrange the official images by ClassId into train/ and test/."
+        "Online, set `download: true`. Here, unpack the shared archive: `tar -xzf ../shared/data/gtsrb32-jpeg.tar.gz "
+        "-C <data home>`, or arrange the official images by ClassId into train/ and test/."
     )
 
-    def __init__(self, root: str | None = None, **kwargs) -> None:
+    def __init__(self, root: str | None = None, download: bool = False, **kwargs) -> None:
         kwargs.setdefault("num_classes", 43)
         super().__init__(root, **kwargs)
+        self.download = download
+
+    def _load(self, split: str) -> tuple[Tensor, Tensor]:
+        if (self.root / split).is_dir() or not (self.download or (self.root / "gtsrb").is_dir()):
+            return super()._load(split)
+        from torchvision.datasets import GTSRB
+        from torchvision.datasets.folder import make_dataset
+
+        official = "GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip"
+        train = split == self.train_split
+        _download(  # downloads and checks the archives; the files are read below, without PIL per item
+            self.name,
+            self.root,
+            lambda: GTSRB(str(self.root), split="train" if train else "test", download=self.download),
+            f"{official} unpacked into {self.root / 'gtsrb'} (GTSRB/Training/<class>/*.ppm, "
+            "GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv), or the ImageFolder layout train/<class>/, "
+            "test/<class>/.",
+        )
+        folder = self.root / "gtsrb" / "GTSRB" / ("Training" if train else "Final_Test/Images")
+        if train:
+            # the folder's name is the ClassId, also where a class folder is missing
+            classes = {path.name: int(path.name) for path in folder.iterdir() if path.is_dir() and path.name.isdigit()}
+            samples = make_dataset(str(folder), classes, extensions=(".ppm",))
+        else:
+            with open(self.root / "gtsrb" / "GT-final_test.csv") as table:
+                samples = [
+                    (str(folder / row["Filename"]), int(row["ClassId"]))
+                    for row in csv.DictReader(table, delimiter=";", skipinitialspace=True)
+                ]
+        images = decode_files([Path(path) for path, _ in samples], self.image_size, f"Decoding GTSRB {split}")
+        return images, torch.tensor([label for _, label in samples])
 
     def train_transform(self) -> v2.Transform | None:
         return CropFlip(flip=False) if self.augment else None
