@@ -10,20 +10,37 @@ import torch
 from lightning import LightningModule, Trainer
 
 from lightning_defense.attacks import BadNets
-from lightning_defense.data import DefenseDataModule, ReservedData, SeenData, SyntheticDataModule
-from lightning_defense.defenses import REFINE, TMR, BTIDBFPurification, BTIDBFUnlearning, FineTune, ShrinkPad
+from lightning_defense.data import Calibrated, DefenseDataModule, ReservedData, SeenData, SyntheticDataModule
+from lightning_defense.defenses import BDMAE, REFINE, TMR, BTIDBFPurification, BTIDBFUnlearning, FineTune, ShrinkPad
+from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, default_patch_size, save_mae
 from lightning_defense.errors import ConfigurationError
-from lightning_defense.victims import Classifier, VictimMetadata, save_victim
+from lightning_defense.victims import Classifier, VictimMetadata, read_victim_metadata, save_victim
 
 SMALL_T = {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
 ONE_ROUND = {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1, **SMALL_T}
+
+
+def bdmae(victim: str) -> BDMAE:
+    """BDMAE with an untrained MAE made, as MAETrainer does, for the victim's size."""
+    size = read_victim_metadata(victim).input_size[0]
+    mae = MaskedAutoencoder(size, default_patch_size(size), embed_dim=32, depth=1, num_heads=2)
+    path = save_mae(Path(victim).with_name("mae.safetensors"), mae)
+    return BDMAE(victim, str(path), repeats=1, masks_per_repeat=2, mask_ratio=0.5, refine_steps=1)
+
+
+def gic() -> Calibrated:
+    return Calibrated(ReservedData(), epsilon=0.025, lr=0.025, steps=2, cache=False, device="cpu")
+
+
 DEFENSES = {  # name: (the defense on a victim file, its auxiliary data, whether it trains)
     "REFINE": (lambda v: REFINE(v, **SMALL_T), SeenData, True),
     "BTI-DBF (U)": (lambda v: BTIDBFUnlearning(v, **ONE_ROUND), ReservedData, True),
     "BTI-DBF (P)": (lambda v: BTIDBFPurification(v, **ONE_ROUND), ReservedData, True),
     "FT": (FineTune, ReservedData, True),
+    "FT on GIC-calibrated data": (FineTune, gic, True),
     "T-MR": (TMR, SeenData, True),
     "ShrinkPad": (ShrinkPad, SeenData, False),
+    "BDMAE": (bdmae, SeenData, False),
 }
 TORCHVISION, TIMM = "torchvision/mobilenet_v3_small", "timm/mobilenetv3_small_050"
 # each defense on both libraries at 32/64, and at 224 on one of them, in turn (CI time)

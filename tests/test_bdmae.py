@@ -252,6 +252,36 @@ def test_bdmae_settings_and_training_are_refused_with_the_fix(tmp_path):
     assert logits.shape == (3, 10) and torch.equal(logits.sum(dim=1), torch.ones(3))  # one-hot
 
 
+def test_the_mae_trainer_builds_its_mae_for_the_data_and_bdmae_warns_on_another_size(tmp_path):
+    from lightning import Trainer
+
+    from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
+    from lightning_defense.defenses import MAETrainer
+
+    def data(size: int) -> DefenseDataModule:
+        source = SyntheticDataModule(train_per_class=1, test_per_class=1, image_size=(size, size), reserved_fraction=0)
+        return DefenseDataModule(source, SeenData(), batch_size=4)
+
+    def fit(model: MAETrainer, size: int) -> None:
+        options = {"logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
+        trainer = Trainer(
+            max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path, **options
+        )
+        trainer.fit(model, datamodule=data(size))
+
+    small = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
+    model = MAETrainer(**small)
+    fit(model, 64)
+    assert model.mae.image_size == 64 and model.mae.grid_size == (8, 8)  # 8-pixel tokens at 64
+    with pytest.raises(ConfigurationError, match="works on 32x32 images but .* serves 64x64"):
+        fit(MAETrainer(image_size=32, **small), 64)
+    # a 32x32 MAE on 64x64 data runs (resized) but says so
+    mae_path = save_mae(tmp_path / "mae32.safetensors", tiny_mae())
+    bdmae = BDMAE(str(VICTIM), str(mae_path))
+    with pytest.warns(UserWarning, match="works on 32x32 images and the data are 64x64"):
+        Trainer(logger=False, enable_progress_bar=False, limit_val_batches=0).validate(bdmae, datamodule=data(64))
+
+
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "lightning_defense", *arguments, "--trainer.enable_progress_bar", "false"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
@@ -20,7 +20,13 @@ from torchmetrics.image import PeakSignalNoiseRatio
 from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
-from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae, token_mask_to_pixels
+from lightning_defense.defenses.bdmae.mae import (
+    MaskedAutoencoder,
+    default_patch_size,
+    load_mae,
+    save_mae,
+    token_mask_to_pixels,
+)
 from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import CIFAR10_MEAN, CIFAR10_STD, Classifier, load_victim
@@ -40,8 +46,11 @@ class MAETrainer(LightningModule):
     ``lr_scheduler`` replace it).
 
     Args:
-        image_size, patch_size, embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth,
-            decoder_num_heads, mlp_ratio, mean, std: the MAE's (see its class).
+        image_size: side of the images the MAE works on; ``None``: the data's (square) size.
+        patch_size: side of a token's cell; ``None``: :func:`~.mae.default_patch_size` of the size
+            (4 at 32, 8 at 64, 16 at 224).
+        embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
+            mlp_ratio, mean, std: the MAE's (see its class).
         mask_ratio: share of the tokens masked in training.
         lr, weight_decay: AdamW's.
         warmup_epochs: epochs of linear warmup before the cosine decay.
@@ -50,8 +59,8 @@ class MAETrainer(LightningModule):
 
     def __init__(
         self,
-        image_size: int = 32,
-        patch_size: int = 4,
+        image_size: int | None = None,
+        patch_size: int | None = None,
         embed_dim: int = 192,
         depth: int = 6,
         num_heads: int = 3,
@@ -71,30 +80,44 @@ class MAETrainer(LightningModule):
         self.save_hyperparameters()
         if not 0 < mask_ratio < 1:
             raise ConfigurationError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
-        self.mae = MaskedAutoencoder(
-            image_size,
-            patch_size,
-            embed_dim,
-            depth,
-            num_heads,
-            decoder_embed_dim,
-            decoder_depth,
-            decoder_num_heads,
-            mlp_ratio,
-            tuple(mean),
-            tuple(std),
-        )
+        #: built for the data's size in :meth:`configure_model` when ``image_size`` is None
+        self.mae: MaskedAutoencoder | None = None if image_size is None else self._build(image_size)
         self.val_mse, self.test_mse = MeanSquaredError(), MeanSquaredError()
         self.val_psnr, self.test_psnr = PeakSignalNoiseRatio(data_range=1.0), PeakSignalNoiseRatio(data_range=1.0)
 
-    def setup(self, stage: str) -> None:
+    def _build(self, image_size: int) -> MaskedAutoencoder:
+        hp = self.hparams
+        return MaskedAutoencoder(
+            image_size,
+            hp.patch_size or default_patch_size(image_size),
+            hp.embed_dim,
+            hp.depth,
+            hp.num_heads,
+            hp.decoder_embed_dim,
+            hp.decoder_depth,
+            hp.decoder_num_heads,
+            hp.mlp_ratio,
+            tuple(hp.mean),
+            tuple(hp.std),
+        )
+
+    def configure_model(self) -> None:
         datamodule = self.trainer.datamodule
         served = served_image_size(datamodule)
-        size = self.hparams.image_size
+        if self.mae is None:
+            if served is None or served[0] != served[1]:
+                raise ConfigurationError(
+                    f"{type(datamodule).__name__} serves {'images of no fixed size' if served is None else served}: "
+                    "set model.init_args.image_size to the victim's (square) resolution."
+                )
+            self.mae = self._build(served[0])
+            return
+        size = self.mae.image_size
         if served is not None and tuple(served) != (size, size):
             raise ConfigurationError(
                 f"The MAE works on {size}x{size} images but {type(datamodule).__name__} serves "
-                f"{served[0]}x{served[1]}: set model.init_args.image_size to the victim's resolution."
+                f"{served[0]}x{served[1]}: set model.init_args.image_size to the victim's resolution (or null: the "
+                "data's)."
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -211,6 +234,17 @@ class BDMAE(DefenseModule):
     @property
     def victim(self) -> Classifier:
         return self.model.oracle.classifier
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        served, size = served_image_size(self.trainer.datamodule), self.model.mae.image_size
+        if served is not None and tuple(served) != (size, size):
+            # it runs (the MAE resizes to its size and back) but restores blurred tokens
+            rank_zero_warn(
+                f"The MAE in {self.hparams.mae!r} works on {size}x{size} images and the data are {served[0]}x"
+                f"{served[1]}: images are resized to it and back. Train one at the data's size for this victim: "
+                "`lightning fit --config configs/bdmae/mae.yaml --model.init_args.image_size null` on its data."
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         """One-hot "logits" of the victim's hard label of the purified images (for BA/ASR)."""

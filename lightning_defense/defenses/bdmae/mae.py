@@ -135,6 +135,12 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
+def default_patch_size(image_size: int) -> int:
+    """A token cell for images of this side: an 8x8 grid up to 128 pixels (4 at 32, 8 at 64), then
+    MAE's own 16 (a 14x14 grid at 224)."""
+    return max(1, min(16, image_size // 8))
+
+
 class MaskedAutoencoder(nn.Module):
     """A ViT masked autoencoder on [0, 1] images: the encoder sees the visible tokens only, the
     decoder predicts the pixels of every token. Normalization (``mean``/``std`` buffers) lives
