@@ -409,8 +409,37 @@ def _user_error(err: BaseException | None) -> UserInputError | None:
     return None
 
 
+DESCRIPTION = (
+    "lightning-defense: defend image classifiers against backdoors. Lightning's subcommands train a victim "
+    "(VictimTrainer) or a defense on a frozen victim (REFINE, BTI-DBF, FT/FST, T-MR; BDMAE and ShrinkPad "
+    "with validate/test) from YAML configs, e.g. `lightning fit --config configs/refine.yaml`."
+)
+EPILOG = (
+    "More subcommands: `study` runs the auxiliary-data study grid (`lightning study --help`); `wrap` turns a "
+    "third party's weights into a victim file (`lightning wrap --help`). `--version` prints the versions."
+)
+
+
+def version() -> str:
+    """This package's version, with the torch and Lightning it runs on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    import lightning
+    import torch
+
+    try:
+        own = installed("lightning-defense")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from lightning_defense import __version__ as own
+    return f"lightning-defense {own} (torch {torch.__version__}, lightning {lightning.__version__})"
+
+
 def _run(args: list[str] | None) -> None:
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] in (["--version"], ["-V"]):
+        print(version())
+        return
     if argv[:1] == ["study"]:  # a grid of fit runs (lightning_defense.study), beside Lightning's subcommands
         from lightning_defense.study import main as study
 
@@ -434,7 +463,8 @@ def build_cli(args: list[str] | None, run: bool = True) -> DefenseCLI:
         trainer_class=DefenseTrainer,
         seed_everything_default=0,
         save_config_callback=KeepConfigCallback,
-        parser_kwargs={"exit_on_error": False},  # main() prints config errors without the usage wall
+        # main() prints config errors without the usage wall
+        parser_kwargs={"exit_on_error": False, "description": DESCRIPTION, "epilog": EPILOG},
         trainer_defaults={
             "logger": lazy_instance(CSVLogger, save_dir="runs"),
         },

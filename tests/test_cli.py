@@ -125,6 +125,21 @@ def test_main_returns_none_for_the_console_script(tmp_path, monkeypatch):
     assert main(["fit", "--config", str(tiny_config(tmp_path)), "--trainer.enable_progress_bar", "false"]) is None
 
 
+def test_version_and_help_say_what_this_tool_is(capsys):
+    import lightning
+
+    main(["--version"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("lightning-defense 0.") and f"torch {torch.__version__}" in printed
+    assert f"lightning {lightning.__version__}" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "defend image classifiers against backdoors" in printed
+    assert all(f"`{command}`" in printed for command in ("study", "wrap"))
+
+
 def test_class_count_mismatch_is_one_clear_line(tmp_path):
     config = tiny_config(tmp_path, num_classes=4)
     result = run([str(BIN / "lightning"), "fit", "--config", str(config)], tmp_path)
