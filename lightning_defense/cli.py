@@ -20,7 +20,7 @@ from jsonargparse import ArgumentError, lazy_instance
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -41,6 +41,7 @@ from lightning_defense.run_folder import (
     resolve_last_checkpoint,
 )
 from lightning_defense.trainer import DefenseTrainer
+from lightning_defense.victims.architectures import allow_network
 from lightning_defense.victims.victim_file import check_same_victim
 
 # `ckpt_path` values that Lightning resolves itself
@@ -98,10 +99,22 @@ class DefenseCLI(LightningCLI):
     :class:`~lightning_defense.trainer.DefenseTrainer` (precision and memory layout from the
     hardware) with CPU threads shared out between the run's processes."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--victim_networks",
+            type=list[str],
+            default=[],
+            help="Import paths of your own nn.Module classes that victim files may name as their arch "
+            "(e.g. [mypackage.nets.MyNet]); a file alone never chooses a class to import.",
+        )
+
     def before_instantiate_classes(self) -> None:
-        """The victim is given once (contract 2): a defense's data without a victim or an attack
-        of its own evaluates the model's victim (``model.init_args.victim``)."""
+        """Own network classes the config allows are allowed before any victim loads; the victim
+        is given once (contract 2): a defense's data without a victim or an attack of its own
+        evaluates the model's victim (``model.init_args.victim``)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        for class_path in config.get("victim_networks") or []:
+            allow_network(class_path)
         victim = config.get("model.init_args.victim")
         data = config.get("data.init_args")
         if not isinstance(victim, str) or data is None or "victim" not in data or "attack" not in data:

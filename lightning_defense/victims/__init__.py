@@ -1,6 +1,6 @@
 """Classifiers, victim files and the victim trainer."""
 
-from lightning_defense.victims.architectures import ARCHITECTURES, build_network
+from lightning_defense.victims.architectures import ARCHITECTURES, allow_network, build_network
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import (
     UntrustedCheckpointError,
@@ -18,6 +18,7 @@ __all__ = [
     "Classifier",
     "UntrustedCheckpointError",
     "VictimMetadata",
+    "allow_network",
     "build_network",
     "load_victim",
     "read_victim_metadata",

@@ -12,7 +12,11 @@ An ``arch`` is one of
   (``torchvision/resnet18``, ``torchvision/vit_b_16``), without pretrained weights; ViTs are
   built for the victim's image size;
 - ``timm/<name>``: any ``timm.create_model`` name (``timm/resnet18``, ``timm/vit_tiny_patch16_224``);
-  models with a fixed input size (ViTs) are built for the victim's image size.
+  models with a fixed input size (ViTs) are built for the victim's image size;
+- the import path of any ``nn.Module`` class (``mypackage.nets.MyNet``), built as
+  ``MyNet(num_classes=K)``, once a config or program allows it (:func:`allow_network`; the CLI's
+  ``victim_networks: [mypackage.nets.MyNet]``): a victim file names its class but never chooses
+  what is imported (contract 3).
 
 Every network takes *normalized* input; :class:`~lightning_defense.victims.classifier.Classifier`
 wraps it, owns the normalization and takes [0, 1] pixels (contract 1). Where the features end
@@ -22,6 +26,7 @@ project's networks define it themselves (``features``, ``head``, ``linear_layer`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -231,6 +236,15 @@ ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
 
 LIBRARIES = ("torchvision", "timm")
 
+#: nn.Module classes that victims may name by import path, allowed by configs and programs (never by files)
+_ALLOWED_NETWORKS: set[str] = set()
+
+
+def allow_network(class_path: str) -> None:
+    """Let victims name the ``nn.Module`` class at ``class_path`` as their ``arch``. Only code and
+    configs call this: a victim file that names a class nobody allowed is refused, unimported."""
+    _ALLOWED_NETWORKS.add(class_path)
+
 
 def build_network(arch: str, num_classes: int, image_size: tuple[int, int] | None = None) -> nn.Module:
     """A freshly initialised network (no pretrained weights: a victim's come from its file)."""
@@ -243,10 +257,36 @@ def build_network(arch: str, num_classes: int, image_size: tuple[int, int] | Non
         return _torchvision_network(name, num_classes, image_size)
     if library == "timm" and name:
         return _timm_network(name, num_classes, image_size)
+    if "." in arch and "/" not in arch:
+        return _allowed_network(arch, num_classes)
     raise ConfigurationError(
         f"Unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}, "
-        "`torchvision/<builder>` (e.g. torchvision/resnet18) or `timm/<model name>` (e.g. timm/resnet18)."
+        "`torchvision/<builder>` (e.g. torchvision/resnet18), `timm/<model name>` (e.g. timm/resnet18) or the "
+        "import path of your nn.Module class (e.g. mypackage.nets.MyNet, allowed in the config's victim_networks)."
     )
+
+
+def _allowed_network(class_path: str, num_classes: int) -> nn.Module:
+    if class_path not in _ALLOWED_NETWORKS:
+        raise ConfigurationError(
+            f"The victim's architecture is the class {class_path!r}, which was not imported: a file never chooses "
+            f"code to run. If you trust it, allow it in the config (`victim_networks: [{class_path}]`, or "
+            f"`--victim_networks+={class_path}`) or in Python with `allow_network({class_path!r})`."
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        network_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigurationError(f"Cannot import the network class {class_path!r}: {err}.") from err
+    if not (isinstance(network_class, type) and issubclass(network_class, nn.Module)):
+        raise ConfigurationError(f"{class_path!r} is not an nn.Module class.")
+    try:
+        return network_class(num_classes=num_classes)
+    except TypeError as err:
+        raise ConfigurationError(
+            f"{class_path}(num_classes={num_classes}) failed ({err}): a victim network class takes its class "
+            "count as `num_classes` (other arguments need defaults)."
+        ) from err
 
 
 def _torchvision_network(name: str, num_classes: int, image_size: tuple[int, int] | None) -> nn.Module:

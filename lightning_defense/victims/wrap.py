@@ -23,6 +23,7 @@ from lightning_defense.attacks import Attack
 from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.safetensors_io import read_safetensors
+from lightning_defense.victims.architectures import allow_network
 from lightning_defense.victims.classifier import Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, is_state_dict, save_victim
 
@@ -71,7 +72,8 @@ def wrap(
         out: the victim file to write (``.safetensors``).
         arch: the network (see ``lightning_defense.victims.architectures``): this project's names,
             ``backdoorbench_preactresnet18``, ``backdoorbox_resnet18``, ``torchvision/<builder>``,
-            ``timm/<name>``.
+            ``timm/<name>``, or the import path of your own nn.Module class (``mypackage.nets.MyNet``,
+            built as ``MyNet(num_classes=K)``; configs that load the file allow it in ``victim_networks``).
         num_classes: classes of the network's output.
         mean: per-channel mean the network's training subtracted from [0, 1] pixels (none: 0).
         std: per-channel std it divided by (none: 1).
@@ -103,6 +105,8 @@ def wrap(
         input_size=size,
         bgr=bgr,
     )
+    if "." in arch and "/" not in arch:  # the caller's own nn.Module class: their choice, not a file's
+        allow_network(arch)
     classifier = Classifier(arch, num_classes, metadata.mean, metadata.std, metadata.image_size(), feature_node, bgr)
     try:
         classifier.network.load_state_dict(weights)
