@@ -19,11 +19,12 @@ A ``subcommand`` key (default ``fit``) runs another one for every row, e.g. ``va
 test-time defenses that train nothing (BDMAE); one row may name its own, as a mapping
 ``name: {subcommand: validate, args: [...]}``, so trained and test-time defenses share a table.
 Rows already finished (``logs/<name>.time``, written only when a run exits 0) are not run again,
-so an interrupted sweep continues where it stopped. ``--seeds 0 1 2`` runs every row once per
+and an interrupted row resumes from its ``last.ckpt`` (wall times summed over the attempts), so
+an interrupted sweep continues where it stopped. ``--seeds 0 1 2`` runs every row once per
 seed (``<row>_seed<k>``, ``--seed_everything k``) and adds a ``mean ± std`` line per row to the
 table; a row for another attack target is a row with another victim file. ``--summary-only`` runs nothing and
-tabulates the rows already under ``--out`` (those with a ``runs/<name>/`` folder), for a sweep
-that was interrupted or whose rows were run one ``--only`` at a time.
+tabulates the rows already finished under ``--out`` (unfinished ones are named and left out), for
+a sweep that was interrupted or whose rows were run one ``--only`` at a time.
 """
 
 from __future__ import annotations
@@ -170,9 +171,13 @@ def main() -> None:
     spec = yaml.safe_load(args.variants.read_text())
     commands = row_commands(spec, extra, args.out, args.only, args.seeds)
     if args.summary_only:
-        commands = {name: cmd for name, cmd in commands.items() if (args.out / "runs" / name).is_dir()}
+        unfinished = [name for name in commands if not (args.out / "logs" / f"{name}.time").is_file()]
+        started = [name for name in unfinished if (args.out / "runs" / name).is_dir()]
+        if started:
+            print(f"--summary-only: not finished, left out: {', '.join(started)}", file=sys.stderr)
+        commands = {name: cmd for name, cmd in commands.items() if name not in unfinished}
         if not commands:
-            parser.error(f"--summary-only: no row of {args.variants} has a runs/<name>/ folder under {args.out}")
+            parser.error(f"--summary-only: no row of {args.variants} has finished under {args.out}")
     sweep_wall_s = threads_per_run = None
     if not args.summary_only:
         (args.out / "logs").mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ defenses x auxiliary data x {without, with GIC} against one victim. Each cell is
 ``lightning fit`` whose whole configuration is first written to ``<out>/cells/<cell>.yaml``, so a
 cell can be rerun alone with ``lightning fit --config <out>/cells/<cell>.yaml``; its Lightning
 folder is ``<out>/runs/<cell>/`` and its output ``<out>/logs/<cell>.log``. Finished cells
-(``logs/<cell>.time``, written only when a run exits 0) are not run again, so an interrupted
-study continues where it stopped. At the end the study writes ``results.csv``, ``results.md``
+(``logs/<cell>.time``, written only when a run exits 0) are not run again, and a cell that was
+interrupted resumes from its ``last.ckpt`` (``--ckpt_path last``), so an interrupted study
+continues where it stopped, mid-cell included. At the end the study writes ``results.csv``, ``results.md``
 (BA / ASR per cell) and ``results.png`` (grouped bars) to ``<out>``.
 """
 
@@ -17,6 +18,7 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,36 +34,67 @@ from lightning_defense.hardware import worker_environment
 
 def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None = None, tag: str = "study") -> int:
     """Run ``lightning <argv>`` with its output in ``<out>/logs/<name>.log``; skipped when a
-    previous run of ``name`` finished (``<out>/logs/<name>.time`` holds its wall seconds)."""
+    previous run of ``name`` finished (``<out>/logs/<name>.time`` holds its wall seconds).
+
+    A ``fit`` that was interrupted (a ``last*.ckpt`` under ``<out>/runs/<name>/``, no ``.time``)
+    resumes from it with ``--ckpt_path last``, its output appended to the log. The wall time is
+    summed over the attempts: ``logs/<name>.elapsed`` is brought up to date while a run goes, so a
+    killed attempt's time still counts.
+    """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    timing = logs / f"{name}.time"
+    timing, elapsed = logs / f"{name}.time", logs / f"{name}.elapsed"
     if timing.is_file():
         print(f"[{tag}] {name}: done before, skipped", flush=True)
         return 0
+    before = float(elapsed.read_text() or 0) if elapsed.is_file() else 0.0
+    resume = (
+        argv[:1] == ["fit"]
+        and "--ckpt_path" not in argv
+        and any((out / "runs" / name).glob("*/checkpoints/last*.ckpt"))
+    )
+    if resume:
+        argv = [*argv, "--ckpt_path", "last"]
     print(f"[{tag}] {name}: lightning {shlex.join(argv)}", flush=True)
     start = time.monotonic()
+    stopped = threading.Event()
+
+    def keep_elapsed() -> None:  # a session that ends abruptly leaves at most 15 s uncounted
+        while not stopped.wait(15):
+            elapsed.write_text(f"{before + time.monotonic() - start:.1f}")
+
+    threading.Thread(target=keep_elapsed, daemon=True).start()
     # the same program as `lightning`, without relying on the console script being installed
-    with (logs / f"{name}.log").open("w") as log:
-        code = subprocess.run(
-            [sys.executable, "-m", "lightning_defense", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
-        ).returncode
+    with (logs / f"{name}.log").open("a" if resume else "w") as log:
+        if resume:
+            log.write(f"\n[{tag}] interrupted after {before / 60:.1f} min; resumed from last.ckpt\n")
+            log.flush()
+        try:
+            code = subprocess.run(
+                [sys.executable, "-m", "lightning_defense", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+            ).returncode
+        finally:
+            stopped.set()
     wall = time.monotonic() - start
+    elapsed.write_text(f"{before + wall:.1f}")
     if code == 0 and "Received SIGTERM" in (logs / f"{name}.log").read_text(errors="replace"):
         code = 143  # Lightning ends a SIGTERMed run early and exits 0: not a finished run
     if code == 0:
-        timing.write_text(f"{wall:.1f}")
+        timing.write_text(f"{before + wall:.1f}")
+        elapsed.unlink()
     print(f"[{tag}] {name}: exit {code} after {wall / 60:.1f} min", flush=True)
     return code
 
 
 def read_metrics(folder: Path) -> list[dict[str, str]]:
-    """The rows of the newest ``version_*/metrics.csv`` under a Lightning run folder."""
-    files = sorted(folder.glob("version_*/metrics.csv"))
-    if not files:
-        return []
-    with files[-1].open() as f:
-        return list(csv.DictReader(f))
+    """The rows of every ``version_*/metrics.csv`` under a Lightning run folder, oldest version
+    first (a resumed run logs its later epochs in a new version folder)."""
+    files = sorted(folder.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.removeprefix("version_")))
+    rows = []
+    for file in files:
+        with file.open() as f:
+            rows += list(csv.DictReader(f))
+    return rows
 
 
 def summarize(name: str, command: str, out: Path) -> dict[str, Any]:
@@ -71,13 +104,14 @@ def summarize(name: str, command: str, out: Path) -> dict[str, Any]:
     last: dict[str, float] = {}
     validated: list[int] = []  # the epoch of each validation (a config may validate every n epochs)
     trained = max((int(row["epoch"]) + 1 for row in rows if row.get("epoch")), default=0)
-    for row in rows:
-        if row.get("val/ba"):
-            validated.append(int(row["epoch"]) + 1)
-            for key, value in row.items():
-                if key.startswith("val/") and value:
-                    curves.setdefault(key, []).append(float(value))
-                    last[key] = float(value)
+    # per epoch the last validation: a resumed run may validate an epoch its first attempt did
+    validations = {int(row["epoch"]): row for row in rows if row.get("val/ba")}
+    for epoch, row in sorted(validations.items()):
+        validated.append(epoch + 1)
+        for key, value in row.items():
+            if key.startswith("val/") and value:
+                curves.setdefault(key, []).append(float(value))
+                last[key] = float(value)
     timing = out / "logs" / f"{name}.time"
     phases = sorted((out / "runs" / name).glob("version_*/phase_seconds.json"))  # phased defenses (BTI-DBF)
     return {

@@ -124,3 +124,34 @@ def test_a_run_stopped_by_sigterm_is_not_marked_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(study_module.subprocess, "run", fake_run)
     assert study_module.run_logged("cell", ["fit"], tmp_path) == 143
     assert not (tmp_path / "logs" / "cell.time").exists()
+
+
+def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_up(tmp_path):
+    """A row killed after its first epoch (a checkpoint, no .time) continues from last.ckpt at the
+    next call: the second attempt trains only the second epoch, the wall time counts both
+    attempts, and the summary holds both epochs' validations."""
+    from lightning_defense import study as study_module
+
+    source = {"class_path": "SyntheticDataModule", "init_args": {"train_per_class": 8, "test_per_class": 2}}
+    source["init_args"] |= {"batch_size": 16, "attack": BadNets(target=1).config()}
+    config = {
+        "model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20"}},
+        "data": source,
+        "trainer": {"enable_progress_bar": False, "enable_model_summary": False},
+    }
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    logger = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", "row"]
+    argv = ["fit", "--config", str(tmp_path / "tiny.yaml"), *logger]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    assert study_module.run_logged("row", [*argv, "--trainer.max_epochs", "1"], tmp_path, env) == 0
+    first = float((tmp_path / "logs" / "row.time").read_text())
+    (tmp_path / "logs" / "row.time").rename(tmp_path / "logs" / "row.elapsed")  # as if killed right after epoch 1
+
+    assert study_module.run_logged("row", [*argv, "--trainer.max_epochs", "2"], tmp_path, env) == 0
+    log = (tmp_path / "logs" / "row.log").read_text()
+    assert "resumed from last.ckpt" in log and "--ckpt_path" not in " ".join(argv)
+    resumed = list(csv.DictReader((tmp_path / "runs" / "row" / "version_1" / "metrics.csv").open()))
+    assert {row["epoch"] for row in resumed} == {"1"}  # the second attempt trained epoch 2 only
+    summary = study_module.summarize("row", "lightning fit ...", tmp_path)
+    assert summary["validated_after_epoch"] == [1, 2] and summary["epochs"] == 2
+    assert summary["wall_s"] > first and not (tmp_path / "logs" / "row.elapsed").exists()
