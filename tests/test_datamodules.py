@@ -8,9 +8,11 @@ from lightning_defense.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     CINIC10DataModule,
+    DefenseDataModule,
     EmbeddedCIFAR10DataModule,
     GTSRBDataModule,
     ImageFolderDataModule,
+    ReservedData,
     SyntheticDataModule,
     per_class_split,
 )
@@ -217,6 +219,11 @@ def test_cifar100_torchvision_format(tmp_path, monkeypatch):
     assert dm.num_classes == 100 and len(dm.train_set) == 200 and len(dm.test_set) == 100
     assert dm.test_set.labels.tolist() == [i % 100 for i in range(100)]
     assert len(dm.poisoned_test_set) == 99  # every test image but the target class's
+    # the defender's reserved split comes from it like from any source
+    source = CIFAR100DataModule(str(tmp_path), reserved_fraction=0.5, attack=BadNets(target=99))
+    defense_data = DefenseDataModule(source, ReservedData(), batch_size=8)
+    defense_data.setup("fit")
+    assert len(defense_data.aux_set) == 100 and defense_data.aux_set.labels.unique().numel() == 100
 
 
 def write_gtsrb_official(root, sizes=((30, 34), (50, 45))):
@@ -244,6 +251,12 @@ def test_gtsrb_torchvision_layout_is_read_and_resized(tmp_path):
     write_gtsrb_official(tmp_path)
     dm = GTSRBDataModule(str(tmp_path), reserved_fraction=0.0, augment=False)
     dm.setup()
+    # the defender's reserved split comes from it like from any source
+    defense_data = DefenseDataModule(
+        GTSRBDataModule(str(tmp_path), reserved_fraction=0.5), ReservedData(), batch_size=2
+    )
+    defense_data.setup("fit")
+    assert sorted(defense_data.aux_set.labels.tolist()) == [0, 42]
     assert dm.train_set.images.shape == (4, 3, 32, 32)
     assert sorted(dm.train_set.labels.tolist()) == [0, 0, 42, 42]
     assert dm.test_set.labels.tolist() == [42, 0, 42]  # the CSV's labels, in its order
