@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from test_fault_tolerance import lightning, one_clear_error
 from test_resume import SOURCE
@@ -101,6 +102,7 @@ torch.save(MyNet(num_classes=10).state_dict(), "my_net.pt")
 """
 
 
+@pytest.mark.trust_boundary
 def test_an_own_nn_module_class_loads_only_when_the_config_allows_it(tmp_path):
     (tmp_path / "my_nets.py").write_text(OWN_NETWORK)
     made = subprocess.run([sys.executable, "-c", TRAIN_OWN_NETWORK], cwd=tmp_path, capture_output=True, text=True)
