@@ -102,6 +102,33 @@ def test_the_victim_behind_an_identity_transform_is_the_victim(tmp_path):
     assert logged["val/asr"].compute().item() != pytest.approx(logged["val/victim_asr"].compute().item())
 
 
+def test_a_transform_that_copies_its_input_keeps_the_backdoor_in_asr_any():
+    """Issue 29's failure caught by the metric: T = identity and a label permutation M move every
+    triggered image that fires the victim to M(target). The defended ASR then reads ~0, while the
+    relabel-proof ASR of the defended model equals the victim's ASR."""
+    from lightning_defense.defenses.refine import LabelPermutation, Refine, TransformNet
+    from lightning_defense.victims import Classifier
+
+    torch.manual_seed(0)
+    refine = Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (16, 8, 4)), LabelPermutation(10))
+    refine.transform_net = torch.nn.Identity()
+    images = torch.rand(64, 3, 32, 32)
+    with torch.no_grad():
+        answers, defended = refine.victim(images).argmax(1), refine(images)
+    target = int(answers.mode().values)  # the class the "backdoor" sends most images to
+    moved_to = int((refine.label_permutation.permutation == target).nonzero())  # M(target)
+    assert torch.equal(defended.argmax(1)[answers == target], torch.full_like(answers[answers == target], moved_to))
+    # true classes that are neither the target nor M(target): every landing counts as the attack's
+    others = torch.tensor([c for c in range(10) if c not in (target, moved_to)])
+    true = others[torch.arange(64) % len(others)]
+    victim, defense = (BackdoorMetrics(10, "val"), _Recorder()), (BackdoorMetrics(10, "val"), _Recorder())
+    victim[0].update(victim[1], refine.victim(images), torch.full((64,), target), 1, true_labels=true)
+    defense[0].update(defense[1], defended, torch.full((64,), target), 1, true_labels=true)
+    victim_asr = victim[1].logged["val/asr"].compute().item()
+    assert victim_asr > 0.2 and defense[1].logged["val/asr"].compute().item() == 0
+    assert defense[1].logged["val/asr_any"].compute().item() == pytest.approx(victim_asr)
+
+
 def test_prefix_names_the_undefended_victim():
     metrics = BackdoorMetrics(4, "test", prefix="victim_")
     assert metrics.name(0) == "test/victim_ba" and metrics.name(1) == "test/victim_asr"

@@ -130,7 +130,15 @@ def wrap(
 
 
 def main(args: list[str] | None = None) -> None:
-    """``lightning-defense wrap``: :func:`wrap` from the command line."""
-    from jsonargparse import CLI
+    """``lightning-defense wrap``: :func:`wrap` from the command line, ``source`` positional and
+    every other argument an option (``--out``, ``--arch``...) on every jsonargparse the package
+    allows (older ones turned required keyword-only arguments into positional ones)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    CLI(wrap, args=args, exit_on_error=False)
+    parser = ArgumentParser(prog="lightning wrap", description=wrap.__doc__, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="the options below as a YAML file")
+    parser.add_argument("source", type=Path, help="the weights (safetensors, or a torch file read as weights only)")
+    parser.add_function_arguments(wrap, as_group=False, as_positional=False, skip={"source"})
+    config = parser.instantiate_classes(parser.parse_args(args)).as_dict()
+    config.pop("config", None)
+    wrap(**config)
