@@ -32,21 +32,40 @@ from lightning_defense.evaluation import LABELS, REPORTED
 from lightning_defense.hardware import worker_environment
 
 
+def supersede(out: Path, name: str) -> None:
+    """Set a run's earlier attempt aside (``runs/<name>`` to ``runs/<name>.superseded-<k>``, nothing
+    deleted) so that nothing of it is resumed or tabulated: its settings changed."""
+    folder = out / "runs" / name
+    if folder.is_dir():
+        k = 0
+        while (aside := folder.with_name(f"{name}.superseded-{k}")).exists():
+            k += 1
+        folder.rename(aside)
+    for suffix in (".time", ".elapsed"):
+        (out / "logs" / f"{name}{suffix}").unlink(missing_ok=True)
+
+
 def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None = None, tag: str = "study") -> int:
     """Run ``lightning <argv>`` with its output in ``<out>/logs/<name>.log``; skipped when a
     previous run of ``name`` finished (``<out>/logs/<name>.time`` holds its wall seconds).
 
     A ``fit`` that was interrupted (a ``last*.ckpt`` under ``<out>/runs/<name>/``, no ``.time``)
-    resumes from it with ``--ckpt_path last``, its output appended to the log. The wall time is
-    summed over the attempts: ``logs/<name>.elapsed`` is brought up to date while a run goes, so a
-    killed attempt's time still counts.
+    resumes from it with ``--ckpt_path last``, its output appended to the log, when its command is
+    the one that started it (``logs/<name>.argv.json``); another command starts afresh, the old
+    attempt set aside (:func:`supersede`). The wall time is summed over the attempts:
+    ``logs/<name>.elapsed`` is brought up to date while a run goes, so a killed attempt's time
+    still counts.
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    timing, elapsed = logs / f"{name}.time", logs / f"{name}.elapsed"
+    timing, elapsed, started = logs / f"{name}.time", logs / f"{name}.elapsed", logs / f"{name}.argv.json"
     if timing.is_file():
         print(f"[{tag}] {name}: done before, skipped", flush=True)
         return 0
+    if started.is_file() and json.loads(started.read_text()) != argv:
+        print(f"[{tag}] {name}: its command changed; the earlier attempt is set aside", flush=True)
+        supersede(out, name)
+    started.write_text(json.dumps(argv))
     before = float(elapsed.read_text() or 0) if elapsed.is_file() else 0.0
     resume = (
         argv[:1] == ["fit"]
@@ -207,7 +226,7 @@ class Study:
         if path.is_file() and (not arguments.is_file() or arguments.read_text() != wanted):
             # the study changed since this cell ran: its old config and result no longer apply
             path.unlink()
-            (out / "logs" / f"{cell.name}.time").unlink(missing_ok=True)
+            supersede(out, cell.name)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             command = [

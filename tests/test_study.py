@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -107,11 +108,14 @@ def test_a_changed_study_reruns_its_cells_and_refine_never_calibrates_on_ground_
     first = study.write_cell_config(ft_gic, tmp_path, env).read_text()
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / f"{ft_gic.name}.time").write_text("1.0")  # as if the cell had finished
+    (tmp_path / "runs" / ft_gic.name / "version_0" / "checkpoints").mkdir(parents=True)
     assert study.write_cell_config(ft_gic, tmp_path, env).read_text() == first  # unchanged study: kept
     changed = Study(**{**spec, "out": str(tmp_path), "calibration": {**spec["calibration"], "steps": 7}})
     second = changed.write_cell_config(ft_gic, tmp_path, env).read_text()
     assert "steps: 7" in second and second != first
     assert not (tmp_path / "logs" / f"{ft_gic.name}.time").exists()  # its old result no longer counts
+    assert not (tmp_path / "runs" / ft_gic.name).exists()  # nor is it resumed: set aside, not deleted
+    assert (tmp_path / "runs" / f"{ft_gic.name}.superseded-0" / "version_0" / "checkpoints").is_dir()
 
 
 def test_a_run_stopped_by_sigterm_is_not_marked_finished(tmp_path, monkeypatch):
@@ -145,9 +149,12 @@ def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     assert study_module.run_logged("row", [*argv, "--trainer.max_epochs", "1"], tmp_path, env) == 0
     first = float((tmp_path / "logs" / "row.time").read_text())
-    (tmp_path / "logs" / "row.time").rename(tmp_path / "logs" / "row.elapsed")  # as if killed right after epoch 1
+    # as if a 2-epoch run had been killed right after its first epoch
+    (tmp_path / "logs" / "row.time").rename(tmp_path / "logs" / "row.elapsed")
+    two_epochs = [*argv, "--trainer.max_epochs", "2"]
+    (tmp_path / "logs" / "row.argv.json").write_text(json.dumps(two_epochs))
 
-    assert study_module.run_logged("row", [*argv, "--trainer.max_epochs", "2"], tmp_path, env) == 0
+    assert study_module.run_logged("row", two_epochs, tmp_path, env) == 0
     log = (tmp_path / "logs" / "row.log").read_text()
     assert "resumed from last.ckpt" in log and "--ckpt_path" not in " ".join(argv)
     resumed = list(csv.DictReader((tmp_path / "runs" / "row" / "version_1" / "metrics.csv").open()))
@@ -155,3 +162,26 @@ def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_
     summary = study_module.summarize("row", "lightning fit ...", tmp_path)
     assert summary["validated_after_epoch"] == [1, 2] and summary["epochs"] == 2
     assert summary["wall_s"] > first and not (tmp_path / "logs" / "row.elapsed").exists()
+
+
+def test_an_interrupted_row_resumes_only_under_the_command_that_started_it(tmp_path, monkeypatch):
+    from lightning_defense import study as study_module
+
+    commands = []
+
+    def fake_run(command, stdout, **kwargs):  # the run is cut off again: no .time
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 137)
+
+    monkeypatch.setattr(study_module.subprocess, "run", fake_run)
+    checkpoints = tmp_path / "runs" / "row" / "version_0" / "checkpoints"
+    assert study_module.run_logged("row", ["fit", "--config", "a.yaml"], tmp_path) == 137
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").write_bytes(b"")  # the first attempt got as far as a checkpoint
+    study_module.run_logged("row", ["fit", "--config", "a.yaml"], tmp_path)
+    assert commands[-1][-2:] == ["--ckpt_path", "last"]  # same command: resumed
+    study_module.run_logged("row", ["fit", "--config", "b.yaml"], tmp_path)
+    assert "--ckpt_path" not in commands[-1]  # another command: a fresh start ...
+    assert (
+        tmp_path / "runs" / "row.superseded-0" / "version_0" / "checkpoints" / "last.ckpt"
+    ).is_file()  # ... old kept
