@@ -240,6 +240,12 @@ LIBRARIES = ("torchvision", "timm")
 _ALLOWED_NETWORKS: set[str] = set()
 
 
+def is_class_path(arch: str) -> bool:
+    """Whether ``arch`` names an nn.Module class by import path (``mypackage.nets.MyNet``), not a
+    name of this project or a ``library/model`` (timm names may hold dots, never without a slash)."""
+    return "." in arch and "/" not in arch
+
+
 def allow_network(class_path: str) -> None:
     """Let victims name the ``nn.Module`` class at ``class_path`` as their ``arch``. Only code and
     configs call this: a victim file that names a class nobody allowed is refused, unimported."""
@@ -257,7 +263,7 @@ def build_network(arch: str, num_classes: int, image_size: tuple[int, int] | Non
         return _torchvision_network(name, num_classes, image_size)
     if library == "timm" and name:
         return _timm_network(name, num_classes, image_size)
-    if "." in arch and "/" not in arch:
+    if is_class_path(arch):
         return _allowed_network(arch, num_classes)
     raise ConfigurationError(
         f"Unknown architecture {arch!r}: use one of {', '.join(ARCHITECTURES)}, "

@@ -23,7 +23,7 @@ from lightning_defense.attacks import Attack
 from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
 from lightning_defense.safetensors_io import read_safetensors
-from lightning_defense.victims.architectures import allow_network
+from lightning_defense.victims.architectures import allow_network, is_class_path
 from lightning_defense.victims.classifier import Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, is_state_dict, save_victim
 
@@ -105,7 +105,7 @@ def wrap(
         input_size=size,
         bgr=bgr,
     )
-    if "." in arch and "/" not in arch:  # the caller's own nn.Module class: their choice, not a file's
+    if is_class_path(arch):  # the caller's own nn.Module class: their choice, not a file's
         allow_network(arch)
     classifier = Classifier(arch, num_classes, metadata.mean, metadata.std, metadata.image_size(), feature_node, bgr)
     try:
