@@ -174,16 +174,22 @@ def test_adaptive_patch_refuses_settings_that_cannot_work():
     assert rebuilt.config() == AdaptivePatch(positions=[(1, 1), (1, 9), (9, 1), (9, 9)], seed=2).config()
 
 
-def test_shipped_configs_build_their_attacks_and_lc_reads_the_clean_run():
+def test_shipped_configs_build_their_attacks_and_lc_reads_the_shipped_clean_victim():
     def load(name: str) -> dict:
         return yaml.safe_load((REPO / "configs" / "victims" / f"cifar10_{name}.yaml").read_text())
 
     clean = load("clean")
     assert clean["data"]["init_args"]["attack"] is None
-    logger = clean["trainer"]["logger"]["init_args"]
-    lc = attack_from_config(load("lc")["data"]["init_args"]["attack"])
+    lc_config = load("lc")
+    lc = attack_from_config(lc_config["data"]["init_args"]["attack"])
     assert isinstance(lc, LabelConsistent)
-    assert lc.clean_model == f"{logger['save_dir']}/{logger['name']}/version_0/victim.safetensors"
+    # a fresh clone has no run folder: the LC config perturbs against the shipped clean victim,
+    # which must be clean and trained on the LC victim's own split (the same reserved images held out)
+    shipped = read_victim_metadata(REPO / lc.clean_model)
+    assert shipped is not None and shipped.attack is None
+    split = ("reserved_fraction", "seed")
+    lc_data = lc_config["data"]["init_args"]
+    assert {k: shipped.data[k] for k in split} == {k: lc_data[k] for k in split}
     assert (lc.epsilon, lc.step_size, lc.steps, lc.poison_rate) == pytest.approx((8 / 255, 1.5 / 255, 100, 0.25))
     adaptive = attack_from_config(load("adaptive_patch")["data"]["init_args"]["attack"])
     assert isinstance(adaptive, AdaptivePatch) and (adaptive.poison_rate, adaptive.cover_rate) == (0.01, 0.02)
