@@ -24,7 +24,9 @@ an interrupted sweep continues where it stopped. ``--seeds 0 1 2`` runs every ro
 seed (``<row>_seed<k>``, ``--seed_everything k``) and adds a ``mean ± std`` line per row to the
 table; a row for another attack target is a row with another victim file. ``--summary-only`` runs nothing and
 tabulates the rows already finished under ``--out`` (unfinished ones are named and left out), for
-a sweep that was interrupted or whose rows were run one ``--only`` at a time.
+a sweep that was interrupted or whose rows were run one ``--only`` at a time. ``--keep
+<summary.json>`` carries the finished rows of an earlier sweep (another machine or session whose
+run folders are gone) into this table, each with its own command and machine, and does not run them again.
 """
 
 from __future__ import annotations
@@ -128,6 +130,16 @@ def seed_rows(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def kept_rows(summary: Path, commands: dict[str, list[str]]) -> dict[str, dict]:
+    """The rows of an earlier sweep's summary that this sweep would run, each with its machine."""
+    earlier = json.loads(summary.read_text())
+    return {
+        row["name"]: {**row, "machine": row.get("machine", earlier.get("machine"))}
+        for row in earlier["rows"]
+        if row["name"] in commands
+    }
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -163,6 +175,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run just these rows")
     parser.add_argument("--seeds", type=int, nargs="*", help="run every row once per seed (mean ± std in the table)")
     parser.add_argument("--summary-only", action="store_true", help="run nothing: tabulate the rows already in --out")
+    parser.add_argument(
+        "--keep", type=Path, help="an earlier sweep's summary.json: its finished rows join the table, not run again"
+    )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -170,13 +185,15 @@ def main() -> None:
 
     spec = yaml.safe_load(args.variants.read_text())
     commands = row_commands(spec, extra, args.out, args.only, args.seeds)
+    kept = kept_rows(args.keep, commands) if args.keep else {}
+    commands = {name: cmd for name, cmd in commands.items() if name not in kept}
     if args.summary_only:
         unfinished = [name for name in commands if not (args.out / "logs" / f"{name}.time").is_file()]
         started = [name for name in unfinished if (args.out / "runs" / name).is_dir()]
         if started:
             print(f"--summary-only: not finished, left out: {', '.join(started)}", file=sys.stderr)
         commands = {name: cmd for name, cmd in commands.items() if name not in unfinished}
-        if not commands:
+        if not commands and not kept:
             parser.error(f"--summary-only: no row of {args.variants} has finished under {args.out}")
     sweep_wall_s = threads_per_run = None
     if not args.summary_only:
@@ -187,9 +204,12 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
         sweep_wall_s = time.monotonic() - start
-    results = [summarize(name, shlex.join(cmd), args.out) for name, cmd in commands.items()]
+    here = machine()
+    measured = {name: {**summarize(name, shlex.join(cmd), args.out), "machine": here} for name, cmd in commands.items()}
+    order = row_commands(spec, extra, args.out, args.only, args.seeds)
+    results = [kept.get(name) or measured[name] for name in order if name in kept or name in measured]
     summary = {
-        "machine": machine(),
+        "machine": here,
         "jobs": args.jobs,
         "threads_per_run": threads_per_run,
         "sweep_wall_s": sweep_wall_s,

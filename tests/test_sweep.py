@@ -35,3 +35,31 @@ def test_seed_rows_report_mean_and_sample_std():
     assert cells[header.index("ra %")] == "–"
     assert "single" not in table
     assert float(cells[header.index("ba %")].split(" ± ")[1]) == pytest.approx(2.0)
+
+
+def test_rows_kept_from_an_earlier_sweep_join_the_table_with_their_machine_and_are_not_rerun(tmp_path, monkeypatch):
+    import json
+
+    import sweep
+
+    def row(name, ba):
+        return {"name": name, "command": f"lightning fit {name}", "epochs": 1, "wall_s": 60.0,
+                "last": {"val/ba": ba}, "curves": {"val/ba": [ba]}, "validated_after_epoch": [1]}  # fmt: skip
+
+    earlier = tmp_path / "earlier.json"
+    rows = [row("plain_seed0", 0.7), row("plain_seed1", 0.72), row("gone_seed0", 0.1)]
+    earlier.write_text(json.dumps({"machine": {"cpu": "earlier box"}, "rows": rows}))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("base: [a.yaml]\nvariants:\n  plain: []\n  other: []\n")
+    ran = []
+    monkeypatch.setattr(sweep, "run_logged", lambda name, *a, **k: ran.append(name))
+    monkeypatch.setattr(sweep, "summarize", lambda name, cmd, out: {**row(name, 0.74), "command": cmd})
+    argv = ["sweep.py", str(variants), "--out", str(tmp_path / "out"), "--seeds", "0", "1", "2", "--keep", str(earlier)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--only", "plain"])
+    sweep.main()
+    assert ran == ["plain_seed2"]  # the kept seeds are not run again
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["name"] for r in summary["rows"]] == ["plain_seed0", "plain_seed1", "plain_seed2"]
+    assert summary["rows"][0]["machine"] == {"cpu": "earlier box"}  # each kept row keeps its own machine
+    assert summary["rows"][2]["machine"] == summary["machine"] != {"cpu": "earlier box"}
+    assert "72.00 ± 2.00" in (tmp_path / "out" / "summary.md").read_text()  # mean over kept and new seeds
