@@ -1,10 +1,10 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s docs`."""
 
 from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "tests"]
+nox.options.sessions = ["lint", "tests", "docs"]
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 
 
@@ -32,3 +32,12 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", "lightning_defense", "tests", "tools", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "lightning_defense", "tests", "tools", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, strictly (as CI builds it), and the results pages' freshness."""
+    session.install(*TORCH)
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
+    session.run("python", "benchmarks/publish.py", "--check")

@@ -92,7 +92,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         values = [f"{100 * r['last'][k]:.2f}" if k in r["last"] else "–" for k in keys]
         ba = r["curves"].get("val/ba", [])
-        best = f"{100 * max(ba):.2f} ({r['validated_after_epoch'][ba.index(max(ba))]})" if ba else "–"
+        epochs = r.get("validated_after_epoch") or range(1, len(ba) + 1)  # older summaries: every epoch
+        best = f"{100 * max(ba):.2f} ({epochs[ba.index(max(ba))]})" if ba else "–"
         wall = f"{r['wall_s'] / 60:.1f} min" if r["wall_s"] else "–"
         line = f"| {r['name']} | {r['epochs']} | {wall} | {' | '.join(values)} | {best} |"
         if detection:

@@ -49,8 +49,9 @@ class MAETrainer(LightningModule):
         image_size: side of the images the MAE works on; ``None``: the data's (square) size.
         patch_size: side of a token's cell; ``None``: :func:`~.mae.default_patch_size` of the size
             (4 at 32, 8 at 64, 16 at 224).
-        embed_dim, depth, num_heads, decoder_embed_dim, decoder_depth, decoder_num_heads,
-            mlp_ratio, mean, std: the MAE's (see its class).
+        embed_dim, depth, num_heads: the MAE encoder's (see its class).
+        decoder_embed_dim, decoder_depth, decoder_num_heads: its decoder's.
+        mlp_ratio, mean, std: the MAE's.
         mask_ratio: share of the tokens masked in training.
         lr, weight_decay: AdamW's.
         warmup_epochs: epochs of linear warmup before the cosine decay.
@@ -192,8 +193,9 @@ class BDMAE(DefenseModule):
         mae: path of the MAE: a ``mae.safetensors`` written by :class:`MAETrainer`
             (``configs/bdmae/mae.yaml``), or an official MAE checkpoint with its decoder (see
             :mod:`lightning_defense.defenses.bdmae.mae`).
-        The others are :class:`~lightning_defense.defenses.bdmae.torch_model.BDMAEDefense`'s,
-        with the authors' defaults.
+
+    The other arguments are :class:`~lightning_defense.defenses.bdmae.torch_model.BDMAEDefense`'s,
+    with the authors' defaults.
     """
 
     def __init__(

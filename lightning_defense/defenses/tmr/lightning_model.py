@@ -25,7 +25,8 @@ class TMR(REFINE):
         image_size: the victim's input size (T's parameters are one image of it); default: the
             size the victim file records.
         border: width of the learned frame in pixels.
-        The other arguments are :class:`REFINE`'s.
+
+    The other arguments are :class:`REFINE`'s.
     """
 
     unused_hparams = (
