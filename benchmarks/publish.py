@@ -42,9 +42,14 @@ def sweep_section(path: Path) -> str:
     rows = [row for row in summary["rows"] if row.get("last")]
     title = path.relative_to(RESULTS).as_posix()
     lines = [f"## `{title}`", ""]
-    machines = {json.dumps(row["machine"], sort_keys=True) for row in rows if row.get("machine")}
-    if machines:  # rows kept from several sweeps (sweep.py --keep) each carry their own
-        lines += ["Machines: " + "; ".join(machine_line(json.loads(m)) for m in sorted(machines)), ""]
+    by_machine: dict[str, list[str]] = {}
+    for row in rows:  # rows kept from several sweeps (sweep.py --keep) each carry their own machine
+        if row.get("machine"):
+            by_machine.setdefault(json.dumps(row["machine"], sort_keys=True), []).append(row["name"])
+    if by_machine:
+        lines += ["Machines (precision `auto` follows the CPU's bf16 instructions):", ""]
+        lines += [f"- {machine_line(json.loads(m))}: {', '.join(names)}" for m, names in sorted(by_machine.items())]
+        lines += [""]
     else:
         lines += [f"Machine: {machine_line(summary.get('machine'))}", ""]
     if summary.get("argv"):
