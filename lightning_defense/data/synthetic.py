@@ -106,8 +106,8 @@ class SyntheticData(AuxiliaryData):
     class mean, its top ``components`` principal directions with their variances, and isotropic
     noise of the remaining variance; by default every direction the class's images span (a full
     Gaussian over that span, no noise). Samples keep each class's colours and layout but few of
-    its shapes: on the shipped BadNets victim, 250 samples a class from the 5% reserved split are
-    classified as their class 50.9% of the time, the reserved images themselves 85.0%. So they
+    its shapes: the shipped BadNets victim classifies far fewer of them as their class than the
+    reserved images they were fitted on (benchmarks/README.md, the auxiliary-data study). So they
     are in the victim's label space yet clearly off its image distribution, which is the point
     of the synthetic kind. Labels are the class each image was sampled from.
 

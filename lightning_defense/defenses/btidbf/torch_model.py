@@ -21,7 +21,7 @@ official code, so the bounds keep their published values.
 Not in the paper: with ``replay_generators`` step 3 also sees the earlier rounds' generators. Step 3
 otherwise learns only against the newest G, which from round 2 on looks for what the last defense
 missed, so a purifier that removed the trigger in one round can forget it in the next
-(benchmarks/README.md: Blended, ASR 12.68% after round 4, 62.24% after round 5).
+(Blended with the paper's schedule: docs/results/btidbf_cifar10_cpu.md, row ``blended_p_paper``).
 """
 
 from __future__ import annotations

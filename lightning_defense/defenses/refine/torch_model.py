@@ -93,7 +93,7 @@ class Refine(nn.Module):
         augmentation: training augmentation of T's inputs, applied *after* the victim labelled
             the images as they are: an augmentation can fire a backdoor (the recipe's
             RandomResizedCrop resamples, i.e. warps, and the WaNet victim answers its target on
-            77.6% of augmented CIFAR-10 training images against 10.9% unaugmented, measured by
+            far more augmented CIFAR-10 training images than unaugmented ones, measured by
             benchmarks/augmentation_fires_backdoor.py), and labels taken after it would teach T
             the backdoor. ``None`` trains on the images as given.
     """
