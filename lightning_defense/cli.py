@@ -40,6 +40,7 @@ from lightning_defense.run_folder import (
     release_run_folders,
     resolve_last_checkpoint,
 )
+from lightning_defense.shipped import config_path
 from lightning_defense.trainer import DefenseTrainer
 from lightning_defense.victims.architectures import allow_network
 from lightning_defense.victims.victim_file import check_same_victim
@@ -133,7 +134,8 @@ class DefenseCLI(LightningCLI):
             if not any(isinstance(c, default) for c in given):
                 callbacks = [*callbacks, default()]
         callbacks = self._checkpoint_callback(config, given, callbacks)
-        if config.get("logger") in (False, []) and config.get("default_root_dir") is None:
+        no_logger = config.get("logger") in (False, []) or config.get("fast_dev_run")  # fast_dev_run drops loggers
+        if no_logger and config.get("default_root_dir") is None:
             # Lightning would write config.yaml and checkpoints/ into the working directory
             self._no_logger_dir = getattr(self, "_no_logger_dir", None) or no_logger_run_dir()
             config = {**config, "default_root_dir": str(self._no_logger_dir)}
@@ -429,7 +431,9 @@ DESCRIPTION = (
 )
 EPILOG = (
     "More subcommands: `study` runs the auxiliary-data study grid (`lightning study --help`); `wrap` turns a "
-    "third party's weights into a victim file (`lightning wrap --help`). `--version` prints the versions."
+    "third party's weights into a victim file (`lightning wrap --help`); `shipped` lists the victims and "
+    "(`--configs`) the configs that ship with the package, which `--config <name>` finds from any folder "
+    "(e.g. `--config refine`). `--version` prints the versions."
 )
 
 
@@ -448,10 +452,31 @@ def version() -> str:
     return f"lightning-defense {own} (torch {torch.__version__}, lightning {lightning.__version__})"
 
 
+def with_shipped_configs(argv: list[str]) -> list[str]:
+    """``--config refine`` -> the shipped ``configs/refine.yaml`` where no such file is here
+    (:func:`lightning_defense.shipped.config_path`)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = config_path(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + config_path(arg.removeprefix("--config="))
+    return out
+
+
 def _run(args: list[str] | None) -> None:
-    argv = sys.argv[1:] if args is None else args
+    argv = with_shipped_configs(sys.argv[1:] if args is None else args)
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
+    else:
+        args = argv
     if argv[:1] in (["--version"], ["-V"]):
         print(version())
+        return
+    if argv[:1] == ["shipped"]:  # the shipped victims (with their SHA-256 and measured metrics) and configs
+        from lightning_defense.shipped import main as shipped
+
+        shipped(argv[1:])
         return
     if argv[:1] == ["study"]:  # a grid of fit runs (lightning_defense.study), beside Lightning's subcommands
         from lightning_defense.study import main as study

@@ -95,6 +95,8 @@ def test_console_script_fit_then_test_and_the_checkpoint_is_a_frozen_victim(tmp_
             "--ckpt_path",
             str(last),
             "--trainer.callbacks+=PredictionWriter",
+            "--trainer.precision",  # compared with fp32 predictions below (auto is bf16 on CPUs that have it)
+            "32-true",
         ],
         tmp_path,
     )
@@ -137,7 +139,7 @@ def test_version_and_help_say_what_this_tool_is(capsys):
     assert exit_info.value.code == 0
     printed = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "defend image classifiers against backdoors" in printed
-    assert all(f"`{command}`" in printed for command in ("study", "wrap"))
+    assert all(f"`{command}`" in printed for command in ("study", "wrap", "shipped"))
 
 
 def test_class_count_mismatch_is_one_clear_line(tmp_path):

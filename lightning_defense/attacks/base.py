@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.safetensors_io import build_from_metadata
+from lightning_defense.shipped import resolve
 
 LabelMode = Literal["all_to_one", "all_to_all"]
 
@@ -196,4 +197,4 @@ def attack_of_victim(victim_file: str | Path) -> Attack | None:
     metadata = read_victim_metadata(victim_file)
     if metadata is None or metadata.attack is None:
         return None
-    return attack_from_config(metadata.attack).locate_files(victim_file)
+    return attack_from_config(metadata.attack).locate_files(resolve(victim_file))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,9 +13,11 @@ from torch import Tensor, nn
 from lightning_defense.attacks.adaptive_patch import corner_positions, paste_patch
 from lightning_defense.attacks.base import Attack, LabelMode, scaled_side, to_float, to_uint8
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
+from lightning_defense.shipped import resolve
 from lightning_defense.victims import Classifier, load_victim, read_victim_metadata
 
 CLEAN_CONFIG = "configs/victims/cifar10_clean.yaml"
+SHIPPED_CLEAN = "checkpoints/cifar10_resnet20_clean.safetensors"
 
 
 def pgd(model: nn.Module, images: Tensor, labels: Tensor, epsilon: float, step_size: float, steps: int) -> Tensor:
@@ -141,10 +142,10 @@ class LabelConsistent(Attack):
         if self.clean_model is None:
             raise ConfigurationError(
                 "LabelConsistent perturbs its poisoned images against a clean model, and `clean_model` is not "
-                f"set: train one with `lightning fit --config {CLEAN_CONFIG}` and set `clean_model` to the "
-                "victim.safetensors it writes in its run folder (e.g. runs/cifar10_clean/version_0/victim.safetensors)."
+                f"set: use the shipped {SHIPPED_CLEAN}, or train one with `lightning fit --config {CLEAN_CONFIG}` "
+                "and set `clean_model` to the victim.safetensors it writes in its run folder."
             )
-        if not Path(self.clean_model).is_file():
+        if not resolve(self.clean_model).is_file():
             raise InputNotFoundError(
                 f"LabelConsistent's clean_model {self.clean_model!r} does not exist: train it with "
                 f"`lightning fit --config {CLEAN_CONFIG}` (it writes victim.safetensors in its run folder), or "
@@ -166,7 +167,7 @@ class LabelConsistent(Attack):
         data set (or image size) pushes images away from the wrong features. Another reserved split
         only warns: the perturbations still work, but the clean model may have trained on the images
         a defense later reserves, which the seeds' threat model does not allow."""
-        if self.clean_model is None or not Path(self.clean_model).is_file():
+        if self.clean_model is None or not resolve(self.clean_model).is_file():
             return  # load_clean_model names the fix when the training set is poisoned
         metadata = read_victim_metadata(self.clean_model)
         trained_on = metadata.data if metadata is not None else None

@@ -26,6 +26,7 @@ from lightning_defense.errors import (
     check_image_size,
 )
 from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
+from lightning_defense.shipped import resolve
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
 FORMAT = "lightning-defense-victim/1"
@@ -154,7 +155,7 @@ def _missing(path: Path) -> InputNotFoundError:
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | None]:
     """Weights and (when the file carries them) metadata, from any supported format."""
-    path = Path(path)
+    path = resolve(path)  # a shipped victim's checkpoints/ path works from any folder
     if not path.is_file():
         raise _missing(path)
     if path.suffix == ".safetensors":

@@ -26,6 +26,7 @@ from lightning_defense.safetensors_io import (
     sha256,
     write_safetensors,
 )
+from lightning_defense.shipped import resolve
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"
@@ -40,7 +41,7 @@ def save_defended(path: str | Path, model: Refine, victim_path: str | Path, tran
         "format": FORMAT,
         "transform_class": type(model.transform_net).__name__,
         "victim_path": str(victim_path),
-        "victim_sha256": sha256(victim_path),
+        "victim_sha256": sha256(resolve(victim_path)),
         "transform_net": json.dumps(transform_config),
     }
     return write_safetensors(path, tensors, metadata)
@@ -55,7 +56,7 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
         raise ConfigurationError(f"{str(path)!r} is not a REFINE export (format {metadata.get('format')!r}).")
-    victim_path = Path(victim_path or metadata["victim_path"])
+    victim_path = resolve(victim_path or metadata["victim_path"])
     if not victim_path.is_file():
         raise InputNotFoundError(
             f"The victim {str(victim_path)!r} referenced by {str(path)!r} does not exist: pass victim_path=."
