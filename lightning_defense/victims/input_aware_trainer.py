@@ -174,7 +174,8 @@ class InputAwareVictimTrainer(VictimTrainer):
                 "weight_decay, lr_milestones, lr_gamma (classifier), generator_lr and mask_lr instead."
             )
         max_epochs = self.trainer.max_epochs
-        if stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.hparams.mask_epochs:
+        smoke = self.trainer.fast_dev_run  # a few steps of the mask phase only: a smoke test, no victim to judge
+        if stage == "fit" and not smoke and max_epochs is not None and 0 <= max_epochs <= self.hparams.mask_epochs:
             raise ConfigurationError(
                 f"trainer.max_epochs ({max_epochs}) leaves no epoch to train the backdoor after "
                 f"{self.hparams.mask_epochs} mask epochs: set max_epochs to mask_epochs + the backdoor's epochs."
