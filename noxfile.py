@@ -30,8 +30,8 @@ def lowest(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "lightning_defense", "tests", "tools", "benchmarks", "noxfile.py")
-    session.run("ruff", "format", "--check", "lightning_defense", "tests", "tools", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "lightning_defense", "tests", "tools", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "lightning_defense", "tests", "tools", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session
