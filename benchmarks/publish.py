@@ -4,6 +4,8 @@ the benchmark scripts wrote under ``benchmarks/results/`` (never typed by hand).
 - ``docs/results/<folder>.md``: one page per results folder, a table per sweep summary in it
   (``*summary.json``, as :mod:`sweep` writes them) with the machine and each row's exact command,
   and the folder's own Markdown tables (``*.md``, written by the scripts that measured them).
+- ``docs/results/shipped_victims.md``: the shipped victims' BA / ASR / RA / ASR-any
+  (``checkpoints/victims.json``, made by ``shipped_victims.py``).
 - ``docs/results/index.md``: the list of those pages.
 - ``README.md``: the attack x defense table (``results/attacks_cpu/table.md``, made by
   ``attack_table.py``, without its wall times) between the ``<!-- results:attacks -->`` markers.
@@ -93,7 +95,9 @@ def pages() -> dict[Path, str]:
         page = folder_page(folder)
         if page is not None:
             out[PAGES / f"{folder.name}.md"] = page
-    index = [GENERATED, "", "# All measured results", "", "One page per folder of `benchmarks/results/`:", ""]
+    out[PAGES / "shipped_victims.md"] = shipped_victims_page()
+    index = [GENERATED, "", "# All measured results", "", "One page per folder of `benchmarks/results/`, and the"]
+    index += ["shipped victims measured by `benchmarks/shipped_victims.py`:", ""]
     index += [f"- [{path.stem}]({path.name})" for path in sorted(out)]
     out[PAGES / "index.md"] = "\n".join(index) + "\n"
     readme = REPO / "README.md"
@@ -105,6 +109,25 @@ def without_minutes(markdown: str) -> str:
     """The attack table without its wall-time cells: the README keeps no per-run timings."""
     markdown = markdown.replace(" (train min)", "").replace(" (min)", "")
     return re.sub(r" \((?:\d+|–)\)(?= \|)", "", markdown)
+
+
+def shipped_victims_page() -> str:
+    """checkpoints/victims.json as a table (``lightning-defense shipped`` prints the same)."""
+    measured = json.loads((REPO / "checkpoints" / "victims.json").read_text())
+    lines = [GENERATED, "", "# shipped_victims", "", "The victims in `checkpoints/` on the full CIFAR-10 test set, in fp32."]
+    lines += [
+        "",
+        f"Machine: {machine_line(measured['machine'])}",
+        "",
+        "Made with `" + " ".join(measured["argv"]) + "`",
+        "",
+    ]
+    lines += ["| file | BA % | ASR % | RA % | ASR-any % | SHA-256 |", "|---|---|---|---|---|---|"]
+    for name, entry in sorted(measured["victims"].items()):
+        metrics = entry["metrics"]
+        cells = [f"{100 * metrics[k]:.2f}" if k in metrics else "–" for k in ("ba", "asr", "ra", "asr_any")]
+        lines.append(f"| `{name}` | {' | '.join(cells)} | `{entry['sha256'][:16]}…` |")
+    return "\n".join(lines) + "\n"
 
 
 def readme_with_table(readme: str, markdown: str) -> str:

@@ -1,5 +1,5 @@
 """Measure every shipped victim (``checkpoints/*.safetensors``) on its full test set and write
-``checkpoints/victims.json``: per file its SHA-256 and BA / ASR / RA / ASR-any, as every module
+``checkpoints/victims.json``: per file its SHA-256 and BA / ASR / RA / ASR-any (fp32), as every module
 defines them (``lightning_defense.evaluation``), with the poisoned test set its own file records.
 ``lightning-defense shipped`` shows them; a file changed since (another SHA-256) shows none.
 
