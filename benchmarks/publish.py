@@ -114,7 +114,8 @@ def without_minutes(markdown: str) -> str:
 def shipped_victims_page() -> str:
     """checkpoints/victims.json as a table (``lightning-defense shipped`` prints the same)."""
     measured = json.loads((REPO / "checkpoints" / "victims.json").read_text())
-    lines = [GENERATED, "", "# shipped_victims", "", "The victims in `checkpoints/` on the full CIFAR-10 test set, in fp32."]
+    title = "The victims in `checkpoints/` on the full CIFAR-10 test set, in fp32."
+    lines = [GENERATED, "", "# shipped_victims", "", title]
     lines += [
         "",
         f"Machine: {machine_line(measured['machine'])}",
