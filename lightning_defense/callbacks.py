@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -28,11 +30,11 @@ def run_folder(trainer: Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-class EpochSummary(Callback):
-    """One line per training epoch with the metrics logged in that epoch and the elapsed time, for
-    runs whose output goes to a file, where a live progress bar shows nothing until the end.
-    Metrics not logged this epoch are left out: validation on epochs that skip it
-    (``check_val_every_n_epoch``), and the parts of a phased defense (BTI-DBF) that are idle."""
+class _EpochMetrics(Callback):
+    """The metrics logged in each training epoch (its validation included): Lightning runs the
+    epoch's validation before ``on_train_epoch_end``, so they are fresh there. Metrics not logged
+    this epoch are left out: validation on epochs that skip it (``check_val_every_n_epoch``), and
+    the parts of a phased defense (BTI-DBF) that are idle."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.start = time.monotonic()
@@ -40,14 +42,36 @@ class EpochSummary(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.before = dict(trainer.callback_metrics)
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning runs the epoch's validation before this hook, so its metrics are fresh here;
+    def fresh_metrics(self, trainer: Trainer) -> dict[str, float]:
         # a metric logged this epoch is a new tensor, one that was not is the same object as before
         before = getattr(self, "before", {})
-        fresh = {k: v for k, v in trainer.callback_metrics.items() if before.get(k) is not v}
-        metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(fresh.items()))
+        return {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if before.get(k) is not v}
+
+
+class EpochSummary(_EpochMetrics):
+    """One line per training epoch with the metrics logged in that epoch and the elapsed time, for
+    runs whose output goes to a file, where a live progress bar shows nothing until the end."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in self.fresh_metrics(trainer).items())
         elapsed = time.monotonic() - getattr(self, "start", time.monotonic())
         rank_zero_info(f"epoch {trainer.current_epoch}/{trainer.max_epochs - 1} [{elapsed / 60:.1f} min]: {metrics}")
+
+
+class EpochMetricsFile(_EpochMetrics):
+    """The run's own record of its metrics, whatever the logger (TensorBoard, W&B, none): one JSON
+    line per training epoch in ``epochs.jsonl`` in the run folder, ``{"epoch": e, "<metric>": value}``
+    (validation metrics included on the epochs that validate). ``lightning-defense study`` and the
+    benchmark sweeps tabulate runs from it. Added to every run by the CLI."""
+
+    FILENAME = "epochs.jsonl"
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = run_folder(trainer) / self.FILENAME  # on every rank: it is a collective under DDP
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps({"epoch": trainer.current_epoch, **self.fresh_metrics(trainer)}) + "\n")
 
 
 class RandomStateCheckpoint(Callback):
@@ -166,11 +190,17 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"Predictions written to {path}")
 
 
+PLOTS_MISSING = "matplotlib is not installed: `pip install 'lightning-defense[plots]'` adds it"
+
+
 class TransformGrid(Callback):
-    """After each validation, save ``transforms/epoch_NNN.png`` in the run folder: a few clean and
-    poisoned test images and what the defense does with them, as rows the module draws with
-    ``figure_rows(name, images)`` (REFINE: T(x), the paper's figure 6; BTI-DBF: the inverted
-    trigger G(x) and the purified images). Titles give the predictions.
+    """After each validation, a figure of a few clean and poisoned test images and what the defense
+    does with them, as rows the module draws with ``figure_rows(name, images)`` (REFINE: T(x), the
+    paper's figure 6; BTI-DBF: the inverted trigger G(x) and the purified images); titles give the
+    predictions. It is saved as ``transforms/epoch_NNN.png`` in the run folder and sent to the
+    run's loggers through their own image API (TensorBoard ``add_figure``, W&B and others
+    ``log_image``, MLflow ``log_figure``), under ``transforms``. Without matplotlib (the ``plots``
+    extra) it warns once and draws nothing.
 
     Args:
         num_images: images per row, evenly spaced through each evaluation set (the same every epoch).
@@ -179,9 +209,16 @@ class TransformGrid(Callback):
     def __init__(self, num_images: int = 8) -> None:
         self.num_images = num_images
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.num_images = 0
+            rank_zero_warn(f"TransformGrid draws no figures: {PLOTS_MISSING}.")
+
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self.num_images:
             return
         folder = run_folder(trainer) / "transforms"  # on every rank: it is a collective under DDP
         if not trainer.is_global_zero:
@@ -210,4 +247,20 @@ class TransformGrid(Callback):
         figure.suptitle(f"epoch {trainer.current_epoch}", fontsize=9)
         folder.mkdir(parents=True, exist_ok=True)
         figure.savefig(folder / f"epoch_{trainer.current_epoch:03d}.png", dpi=100, bbox_inches="tight")
+        for logger in trainer.loggers:
+            log_figure(logger, "transforms", figure, trainer.global_step)
         plt.close(figure)
+
+
+def log_figure(logger: Logger, key: str, figure: Any, step: int) -> None:
+    """A matplotlib figure to a logger through its own image API; loggers without one (CSV) get
+    nothing here (the figure's PNG is in the run folder)."""
+    experiment = logger.experiment
+    if hasattr(experiment, "add_figure"):  # TensorBoard (torch's SummaryWriter or tensorboardX)
+        experiment.add_figure(key, figure, global_step=step, close=False)
+    elif hasattr(logger, "log_image"):  # W&B, Neptune, Comet: images as arrays
+        figure.canvas.draw()
+        image = np.asarray(figure.canvas.buffer_rgba())[..., :3]
+        logger.log_image(key=key, images=[image], step=step)
+    elif hasattr(experiment, "log_figure") and getattr(logger, "run_id", None):  # MLflow
+        experiment.log_figure(logger.run_id, figure, f"{key}/step_{step:07d}.png")

@@ -27,7 +27,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
-from lightning_defense.callbacks import EpochSummary, RandomStateCheckpoint, StopOnNonFiniteLoss, run_folder
+from lightning_defense.callbacks import (
+    EpochMetricsFile,
+    EpochSummary,
+    RandomStateCheckpoint,
+    StopOnNonFiniteLoss,
+    run_folder,
+)
 from lightning_defense.checkpoint_io import AtomicCheckpointIO, check_checkpoint, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
@@ -130,7 +136,7 @@ class DefenseCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         if not sys.stdout.isatty() and not any(isinstance(c, EpochSummary) for c in given):
             callbacks = [*callbacks, EpochSummary()]  # a log file gets a line per epoch instead
-        for default in (StopOnNonFiniteLoss, RandomStateCheckpoint):
+        for default in (StopOnNonFiniteLoss, RandomStateCheckpoint, EpochMetricsFile):
             if not any(isinstance(c, default) for c in given):
                 callbacks = [*callbacks, default()]
         callbacks = self._checkpoint_callback(config, given, callbacks)

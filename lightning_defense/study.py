@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lightning_defense.callbacks import PLOTS_MISSING, EpochMetricsFile
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.evaluation import LABELS, REPORTED
 from lightning_defense.hardware import worker_environment
@@ -106,13 +107,20 @@ def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None
 
 
 def read_metrics(folder: Path) -> list[dict[str, str]]:
-    """The rows of every ``version_*/metrics.csv`` under a Lightning run folder, oldest version
-    first (a resumed run logs its later epochs in a new version folder)."""
-    files = sorted(folder.glob("version_*/metrics.csv"), key=lambda f: int(f.parent.name.removeprefix("version_")))
+    """The per-epoch metrics of every version folder under a Lightning run folder, oldest version
+    first (a resumed run logs its later epochs in a new version folder): the run's own
+    ``epochs.jsonl`` (:class:`~lightning_defense.callbacks.EpochMetricsFile`, whatever the logger),
+    or for runs without one, the CSV logger's ``metrics.csv``."""
+    versions = sorted(folder.glob("version_*"), key=lambda f: int(f.name.removeprefix("version_")))
     rows = []
-    for file in files:
-        with file.open() as f:
-            rows += list(csv.DictReader(f))
+    for version in versions:
+        record, csv_file = version / EpochMetricsFile.FILENAME, version / "metrics.csv"
+        if record.is_file():
+            lines = record.read_text().splitlines()
+            rows += [{key: str(value) for key, value in json.loads(line).items()} for line in lines if line]
+        elif csv_file.is_file():
+            with csv_file.open() as f:
+                rows += list(csv.DictReader(f))
     return rows
 
 
@@ -285,7 +293,10 @@ def write_results(results: list[dict[str, Any]], out: Path) -> None:
                 [r["name"], r["defense"], r["aux"], r["gic"], *values, r["epochs"], r["wall_s"] or "", r["command"]]
             )
     (out / "results.md").write_text(markdown_table(results) + "\n")
-    plot_results(results, out / "results.png")
+    try:
+        plot_results(results, out / "results.png")
+    except ImportError:  # the plots extra is optional: the table is the result, the figure a view of it
+        print(f"results.png not drawn: {PLOTS_MISSING}.", file=sys.stderr)
 
 
 def _cell_text(result: dict[str, Any] | None) -> str:
