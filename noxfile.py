@@ -30,8 +30,9 @@ def lowest(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "lightning_defense", "tests", "tools", "benchmarks", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "lightning_defense", "tests", "tools", "benchmarks", "examples", "noxfile.py")
+    sources = ["lightning_defense", "tests", "tools", "benchmarks", "examples", "noxfile.py"]
+    session.run("ruff", "check", *sources)
+    session.run("ruff", "format", "--check", *sources)
 
 
 @nox.session
