@@ -11,6 +11,7 @@ import inspect
 import os
 import pickle
 import re
+import signal
 import sys
 import zipfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import (
@@ -326,6 +327,13 @@ def main(args: list[str] | None = None) -> None:
     """
     try:
         _run(args)
+    except SIGTERMException:  # Lightning stops cleanly on SIGTERM and would exit 0, as if the run had ended
+        print(
+            "error: stopped by SIGTERM before the run ended; its last.ckpt resumes it (same command with "
+            "`--ckpt_path last`).",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
     except ArgumentError as err:  # a malformed config: jsonargparse's message without its usage wall
         if os.environ.get("LIGHTNING_DEFENSE_TRACEBACK"):
             raise

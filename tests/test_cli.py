@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,3 +284,21 @@ def test_each_attack_trains_a_tiny_victim_through_the_cli(attack, tmp_path, monk
     assert stored["class_path"].endswith(attack["class_path"]) and stored["init_args"]["target"] == 1
     header = (victim.parent / "metrics.csv").read_text().splitlines()[0]
     assert "val/asr" in header and "val/ba" in header
+
+
+def test_a_run_stopped_by_sigterm_exits_nonzero_so_it_is_not_taken_for_finished(tmp_path):
+    # Lightning ends a SIGTERM'd fit cleanly with SystemExit(None), i.e. exit 0: a sweep or a scheduler
+    # would then count the run as finished and never resume it
+    config = tiny_config(tmp_path)
+    command = [str(BIN / "lightning"), "fit", "--config", str(config), "--trainer.max_epochs", "1000"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "LIGHTNING_DEFENSE_TRACEBACK": ""}
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    record = tmp_path / "runs" / "tiny" / "version_0" / "epochs.jsonl"
+    deadline = time.monotonic() + 240
+    while not (record.is_file() and record.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in stderr and "--ckpt_path last" in stderr and "Traceback" not in stderr
+    assert (tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt").is_file()
