@@ -22,7 +22,7 @@ from lightning_defense.data import DefenseDataModule, SeenData
 from lightning_defense.data.datamodules import CIFAR10DataModule
 from lightning_defense.evaluation import AnyClassAttackSuccess, split_batch
 from lightning_defense.safetensors_io import sha256
-from lightning_defense.shipped import MEASURED
+from lightning_defense.shipped import MEASURED, is_victim_file
 from lightning_defense.victims import load_victim, read_victim_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def main() -> None:
     earlier = json.loads(out.read_text())["victims"] if out.is_file() else {}
     victims = {}
     for path in sorted(args.folder.glob("*.safetensors")):
-        if path.name.endswith(".generators.safetensors"):  # IAD's generators, read through their victim
+        if not is_victim_file(path):  # IAD's generators (read through their victim), BDMAE's MAE
             continue
         digest = sha256(path)
         if earlier.get(path.name, {}).get("sha256") == digest:

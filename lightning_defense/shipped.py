@@ -76,13 +76,21 @@ def shipped_victims() -> list[dict]:
     measured = json.loads(measured_file.read_text())["victims"] if measured_file.is_file() else {}
     rows = []
     for path in sorted(folder.glob("*.safetensors")):
-        if path.name.endswith(".generators.safetensors"):  # IAD's generators, read with their victim
+        if not is_victim_file(path):  # IAD's generators, BDMAE's MAE
             continue
         digest = sha256(path)
         entry = measured.get(path.name, {})
         metrics = entry.get("metrics") if entry.get("sha256") == digest else None
         rows.append({"file": f"checkpoints/{path.name}", "sha256": digest, "metrics": metrics, **_facts(path)})
     return rows
+
+
+def is_victim_file(path: Path) -> bool:
+    """A victim file of this package (its metadata says so), not another shipped weights file."""
+    from lightning_defense.safetensors_io import read_safetensors
+    from lightning_defense.victims.victim_file import FORMAT
+
+    return read_safetensors(path)[1].get("format") == FORMAT
 
 
 def _facts(path: Path) -> dict:

@@ -38,6 +38,7 @@ from lightning_defense.safetensors_io import (
     read_safetensors,
     write_safetensors,
 )
+from lightning_defense.shipped import resolve
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 
 MAE_FORMAT = "lightning-defense-mae/1"
@@ -382,7 +383,7 @@ def load_mae(path: str | Path) -> MaskedAutoencoder:
     """Load an MAE for inference (eval mode, no gradients): our ``mae.safetensors`` files, or a
     facebookresearch/mae checkpoint with its decoder (``.pth``, read with ``weights_only=True``,
     or converted to safetensors); see the module docstring for which outside weights can work."""
-    path = Path(path)
+    path = resolve(path)  # the shipped MAE's checkpoints/ path works from any folder
     if not path.is_file():
         raise InputNotFoundError(f"MAE weights {str(path)!r} do not exist. {HOW_TO_GET_AN_MAE}")
     if path.suffix == ".safetensors":
