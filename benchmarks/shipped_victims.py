@@ -23,14 +23,15 @@ from lightning_defense.data.datamodules import CIFAR10DataModule
 from lightning_defense.evaluation import AnyClassAttackSuccess, split_batch
 from lightning_defense.safetensors_io import sha256
 from lightning_defense.shipped import MEASURED, is_victim_file
-from lightning_defense.victims import load_victim, read_victim_metadata
+from lightning_defense.victims import load_victim
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @torch.inference_mode()
 def measure(path: Path, batch_size: int) -> dict[str, float]:
-    metadata = read_victim_metadata(path)
+    victim = load_victim(path)
+    metadata = victim.metadata
     data = metadata.data or {}
     if not str(data.get("class_path", "")).endswith("CIFAR10DataModule"):
         raise SystemExit(f"{path}: trained on {data.get('class_path')}; this script measures CIFAR-10 victims")
@@ -41,7 +42,6 @@ def measure(path: Path, batch_size: int) -> dict[str, float]:
     )
     module.prepare_data()
     module.setup("validate")
-    victim = load_victim(path)
     classes = victim.num_classes
     ba, asr, ra = (MulticlassAccuracy(classes, average="micro") for _ in range(3))
     asr_any = AnyClassAttackSuccess(classes)

@@ -185,9 +185,9 @@ def main() -> None:
     extra = argv[split + 1 :]  # after `--`: arguments for every run
 
     spec = yaml.safe_load(args.variants.read_text())
-    commands = row_commands(spec, extra, args.out, args.only, args.seeds)
-    kept = kept_rows(args.keep, commands) if args.keep else {}
-    commands = {name: cmd for name, cmd in commands.items() if name not in kept}
+    planned = row_commands(spec, extra, args.out, args.only, args.seeds)
+    kept = kept_rows(args.keep, planned) if args.keep else {}
+    commands = {name: cmd for name, cmd in planned.items() if name not in kept}
     if args.summary_only:
         unfinished = [name for name in commands if not (args.out / "logs" / f"{name}.time").is_file()]
         started = [name for name in unfinished if (args.out / "runs" / name).is_dir()]
@@ -207,8 +207,7 @@ def main() -> None:
         sweep_wall_s = time.monotonic() - start
     here = machine()
     measured = {name: {**summarize(name, shlex.join(cmd), args.out), "machine": here} for name, cmd in commands.items()}
-    order = row_commands(spec, extra, args.out, args.only, args.seeds)
-    results = [kept.get(name) or measured[name] for name in order if name in kept or name in measured]
+    results = [kept.get(name) or measured[name] for name in planned if name in kept or name in measured]
     summary = {
         "machine": here,
         "jobs": args.jobs,

@@ -208,17 +208,18 @@ class TransformGrid(Callback):
 
     def __init__(self, num_images: int = 8) -> None:
         self.num_images = num_images
+        self.drawing = True
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            self.num_images = 0
+            self.drawing = False
             rank_zero_warn(f"TransformGrid draws no figures: {PLOTS_MISSING}.")
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self.num_images:
+        if trainer.sanity_checking or not self.drawing:
             return
         folder = run_folder(trainer) / "transforms"  # on every rank: it is a collective under DDP
         if not trainer.is_global_zero:

@@ -68,6 +68,7 @@ def shipped_victims() -> list[dict]:
     """Every shipped victim file with its SHA-256 and, where measured, its BA / ASR / RA / ASR-any
     (from ``checkpoints/victims.json``; a file whose SHA-256 differs from the measured one has no numbers)."""
     from lightning_defense.safetensors_io import sha256
+    from lightning_defense.victims import read_victim_metadata
 
     folder = _folder("checkpoints")
     if folder is None:
@@ -76,31 +77,30 @@ def shipped_victims() -> list[dict]:
     measured = json.loads(measured_file.read_text())["victims"] if measured_file.is_file() else {}
     rows = []
     for path in sorted(folder.glob("*.safetensors")):
-        if not is_victim_file(path):  # IAD's generators, BDMAE's MAE
+        metadata = read_victim_metadata(path)
+        if metadata is None:  # not a victim: IAD's generators, BDMAE's MAE
             continue
         digest = sha256(path)
         entry = measured.get(path.name, {})
-        metrics = entry.get("metrics") if entry.get("sha256") == digest else None
-        rows.append({"file": f"checkpoints/{path.name}", "sha256": digest, "metrics": metrics, **_facts(path)})
+        attack = metadata.attack or {}
+        rows.append(
+            {
+                "file": f"checkpoints/{path.name}",
+                "sha256": digest,
+                "metrics": entry.get("metrics") if entry.get("sha256") == digest else None,
+                "arch": metadata.arch,
+                "attack": attack["class_path"].rsplit(".", 1)[-1] if attack else "none (clean)",
+                "target": attack.get("init_args", {}).get("target"),
+            }
+        )
     return rows
 
 
 def is_victim_file(path: Path) -> bool:
     """A victim file of this package (its metadata says so), not another shipped weights file."""
-    from lightning_defense.safetensors_io import read_safetensors
-    from lightning_defense.victims.victim_file import FORMAT
-
-    return read_safetensors(path)[1].get("format") == FORMAT
-
-
-def _facts(path: Path) -> dict:
     from lightning_defense.victims import read_victim_metadata
 
-    metadata = read_victim_metadata(path)
-    attack = metadata.attack if metadata else None
-    name = attack["class_path"].rsplit(".", 1)[-1] if attack else "none (clean)"
-    target = (attack or {}).get("init_args", {}).get("target")
-    return {"arch": metadata.arch if metadata else "?", "attack": name, "target": target}
+    return read_victim_metadata(path) is not None
 
 
 def main(args: list[str] | None = None) -> None:
