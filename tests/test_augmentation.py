@@ -48,3 +48,36 @@ def test_flip_and_grayscale_rates():
     flipped = (out[colour] - images[colour].flip(-1)).abs().flatten(1).amax(1) < 1e-5
     assert flipped.float().mean() == pytest.approx(0.5, abs=0.03)
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_random_patches_paste_noise_squares_of_the_drawn_sizes_and_nothing_else():
+    from lightning_defense.data.augmentation import RandomPatches
+
+    torch.manual_seed(0)
+    images = torch.full((64, 3, 32, 32), 0.5)
+    out = RandomPatches(p=1.0, count=1, min_size=2, max_size=5)(images)
+    changed = (out != images).any(dim=1)  # noise equal to 0.5 in all three channels: probability ~0
+    for mask in changed:
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        side = len(rows)
+        assert 2 <= side <= 5 and len(cols) == side  # one square
+        assert mask.sum() == side * side
+        assert rows.max() - rows.min() + 1 == side and cols.max() - cols.min() + 1 == side
+    assert {int(m.any(dim=1).sum()) for m in changed} == {2, 3, 4, 5}  # every size is drawn
+    assert changed.any(dim=1).any(dim=1).all()
+    assert torch.equal(RandomPatches(p=0.0)(images), images)
+    rate = (RandomPatches(p=0.3)(torch.full((4000, 3, 8, 8), 0.5)) != 0.5).flatten(1).any(1).float().mean()
+    assert abs(rate - 0.3) < 0.03
+
+
+def test_random_noise_blend_stays_within_its_alpha_and_rate():
+    from lightning_defense.data.augmentation import RandomNoiseBlend
+
+    torch.manual_seed(0)
+    images = torch.rand(4000, 3, 8, 8)
+    out = RandomNoiseBlend(p=0.5, max_alpha=0.2)(images)
+    assert (out - images).abs().max() <= 0.2 + 1e-6  # |a (r - x)| <= a
+    assert out.min() >= 0 and out.max() <= 1
+    blended = (out != images).flatten(1).any(1).float().mean()
+    assert abs(blended - 0.5) < 0.03
+    assert torch.equal(RandomNoiseBlend(p=0.0)(images), images)

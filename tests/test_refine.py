@@ -484,3 +484,44 @@ def test_black_box_soft_targets_stay_faithful_for_a_very_confident_victim(tmp_pa
     module.training_step((torch.rand(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)), 0)
     tempered = (seen["victim_logits"] / 4).softmax(1)
     assert torch.allclose(tempered, (logits / 4).softmax(1), rtol=1e-3, atol=1e-9)
+
+
+def test_corruptions_reach_t_after_the_augmentation_while_the_victim_labels_the_clean_images():
+    from lightning_defense.data.augmentation import RandomPatches
+
+    seen_by_t = []
+
+    class SpyT(TransformNet):
+        def forward_with_head(self, images):
+            seen_by_t.append(images)
+            return super().forward_with_head(images)
+
+    class Halve(torch.nn.Module):
+        def forward(self, images):
+            return images / 2
+
+    torch.manual_seed(0)
+    victim = Classifier("resnet20", 10)
+    refine = Refine(
+        victim,
+        SpyT("resnet18", 3, (32, 16, 8)),
+        LabelPermutation(10),
+        classification_loss="ce",
+        augmentation=Halve(),
+        corruptions=[RandomPatches(p=1.0, min_size=4, max_size=4)],
+    )
+    images = torch.rand(8, 3, 32, 32)
+    pseudo_labels = []
+    classification = refine.classification
+    refine.classification = lambda logits, victim_logits, labels: (
+        pseudo_labels.append(labels) or classification(logits, victim_logits, labels)
+    )
+    refine.loss(images)
+    assert torch.equal(pseudo_labels[0], victim(images).argmax(1))
+    differs = (seen_by_t[0] != images / 2).any(dim=1)  # the augmented images, each with one 4x4 square
+    assert (differs.flatten(1).sum(1) == 16).all()
+    # REFINE's own arguments take them from a config, and keep modules out of the hyperparameters
+    from lightning_defense.data import RandomNoiseBlend
+
+    assert Refine(victim, TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10)).corruptions(images) is images
+    assert isinstance(RandomNoiseBlend(), torch.nn.Module)

@@ -1,6 +1,6 @@
 """DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
 
-from lightning_defense.data.augmentation import CropFlip, RefineAugmentation
+from lightning_defense.data.augmentation import CropFlip, RandomNoiseBlend, RandomPatches, RefineAugmentation
 from lightning_defense.data.auxiliary import (
     AuxiliaryData,
     CINIC10ImageNetData,
@@ -32,6 +32,8 @@ __all__ = [
     "CINIC10ImageNetData",
     "Calibrated",
     "CropFlip",
+    "RandomNoiseBlend",
+    "RandomPatches",
     "RefineAugmentation",
     "DefenseDataModule",
     "ExternalData",

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from lightning_defense.errors import ConfigurationError
+
 
 class CropFlip(v2.Transform):
     """Random crop after zero padding, and a horizontal flip: the usual training augmentation of
@@ -128,3 +130,62 @@ def resized_crop(images: Tensor, boxes: Tensor, flip: Tensor) -> Tensor:
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(
         images.dtype
     )
+
+
+class RandomPatches(nn.Module):
+    """A trigger-agnostic corruption: squares of fresh uniform noise at random places.
+
+    Each image, with probability ``p``, gets ``count`` squares with sides drawn from
+    ``[min_size, max_size]`` pixels, each pixel a new uniform colour: the shape of a patch trigger
+    (BadNets' is 3x3 random colours on CIFAR-10) without ever drawing the attacker's own patch.
+    Applied to a defender's inputs after the victim labelled them clean, it asks the defense to
+    answer as if the patch were not there.
+    """
+
+    def __init__(self, p: float = 0.5, count: int = 1, min_size: int = 2, max_size: int = 8) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ConfigurationError(f"RandomPatches: p must be in [0, 1], got {p}.")
+        if not 1 <= min_size <= max_size:
+            raise ConfigurationError(f"RandomPatches: need 1 <= min_size <= max_size, got {min_size} and {max_size}.")
+        if count < 1:
+            raise ConfigurationError(f"RandomPatches: count must be >= 1, got {count}.")
+        self.p, self.count, self.min_size, self.max_size = p, count, min_size, max_size
+
+    def forward(self, images: Tensor) -> Tensor:
+        n, _, height, width = images.shape
+        device = images.device
+        rows = torch.arange(height, device=device)[None, :, None]
+        cols = torch.arange(width, device=device)[None, None, :]
+        chosen = (torch.rand(n, device=device) < self.p)[:, None, None]
+        mask = torch.zeros(n, height, width, dtype=torch.bool, device=device)
+        for _ in range(self.count):
+            side = torch.randint(self.min_size, self.max_size + 1, (n,), device=device).clamp(max=min(height, width))
+            top = (torch.rand(n, device=device) * (height - side + 1)).floor()[:, None, None]
+            left = (torch.rand(n, device=device) * (width - side + 1)).floor()[:, None, None]
+            side = side[:, None, None]
+            mask |= (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+        mask = (mask & chosen)[:, None]
+        return torch.where(mask, torch.rand_like(images), images)
+
+
+class RandomNoiseBlend(nn.Module):
+    """A trigger-agnostic corruption: each image, with probability ``p``, blended with a fresh
+    uniform-noise image, ``(1 - a) x + a r`` with ``a`` uniform in ``[0, max_alpha]``: the shape of a
+    blended trigger (Blended's default pattern is uniform noise at alpha 0.1) without the
+    attacker's own pattern."""
+
+    def __init__(self, p: float = 0.5, max_alpha: float = 0.2) -> None:
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ConfigurationError(f"RandomNoiseBlend: p must be in [0, 1], got {p}.")
+        if not 0 < max_alpha <= 1:
+            raise ConfigurationError(f"RandomNoiseBlend: max_alpha must be in (0, 1], got {max_alpha}.")
+        self.p, self.max_alpha = p, max_alpha
+
+    def forward(self, images: Tensor) -> Tensor:
+        n = len(images)
+        alpha = torch.rand(n, device=images.device) * self.max_alpha
+        alpha = torch.where(torch.rand(n, device=images.device) < self.p, alpha, torch.zeros_like(alpha))
+        alpha = alpha[:, None, None, None].to(images.dtype)
+        return (1 - alpha) * images + alpha * torch.rand_like(images)

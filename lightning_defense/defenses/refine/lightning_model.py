@@ -47,6 +47,9 @@ class REFINE(DefenseModule):
             training aid, not in the paper; see :class:`Refine`).
         augment: the recipe's augmentation of T's inputs, after the victim labelled the images
             as they are (see :class:`Refine`); the data module must then serve them unaugmented.
+        corruptions: trigger-agnostic corruptions of T's inputs after the augmentation, against
+            the clean images' labels (not in the paper; see :class:`Refine`), e.g.
+            ``class_path: lightning_defense.data.RandomPatches``.
     """
 
     #: arguments a subclass with another T passes on unused: kept out of its hyperparameters
@@ -68,6 +71,7 @@ class REFINE(DefenseModule):
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
         augment: bool = True,
+        corruptions: Sequence[nn.Module] = (),
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -76,7 +80,8 @@ class REFINE(DefenseModule):
     ) -> None:
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
-        self.save_hyperparameters(ignore=list(self.unused_hparams))
+        # modules are not hyperparameters (a checkpoint's are read weights-only): the run's config records them
+        self.save_hyperparameters(ignore=[*self.unused_hparams, "corruptions"])
         self.model = Refine(
             victim_model,
             self.build_transform_net(victim_model.num_classes),
@@ -87,6 +92,7 @@ class REFINE(DefenseModule):
             soft_label_temperature=soft_label_temperature,
             encoder_head_weight=encoder_head_weight,
             augmentation=BatchAugmentation() if augment else None,
+            corruptions=corruptions,
         )
 
     def setup(self, stage: str) -> None:

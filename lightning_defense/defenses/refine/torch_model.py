@@ -10,7 +10,7 @@ plus a supervised contrastive term on T's outputs that pulls images of one pseud
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -96,6 +96,10 @@ class Refine(nn.Module):
             far more augmented CIFAR-10 training images than unaugmented ones, measured by
             benchmarks/augmentation_fires_backdoor.py), and labels taken after it would teach T
             the backdoor. ``None`` trains on the images as given.
+        corruptions: applied in order after ``augmentation``, still against the labels of the
+            clean images (not in the paper): trigger-agnostic corruptions such as
+            :class:`~lightning_defense.data.augmentation.RandomPatches` ask T to answer as if they
+            were not there, i.e. to rewrite trigger-shaped content instead of copying it.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Refine(nn.Module):
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
         augmentation: nn.Module | None = None,
+        corruptions: Sequence[nn.Module] = (),
     ) -> None:
         super().__init__()
         if classification_loss not in ("ce", "bce", "soft"):
@@ -134,6 +139,7 @@ class Refine(nn.Module):
         self.soft_label_temperature = soft_label_temperature
         self.encoder_head_weight = encoder_head_weight
         self.augmentation = augmentation
+        self.corruptions = nn.Sequential(*corruptions)
 
     @torch.no_grad()
     def victim_logits(self, images: Tensor) -> Tensor:
@@ -172,6 +178,7 @@ class Refine(nn.Module):
         victim_logits = victim_logits.float()
         if self.augmentation is not None:
             images = self.augmentation(images)
+        images = self.corruptions(images)
         transformed, encoder_logits = self.transform_net.forward_with_head(images)
         logits = self.label_permutation((classifier or self.victim)(transformed)).float()
         parts = {"classification": self.classification(logits, victim_logits, pseudo_labels)}
