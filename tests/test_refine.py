@@ -525,3 +525,42 @@ def test_corruptions_reach_t_after_the_augmentation_while_the_victim_labels_the_
 
     assert Refine(victim, TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10)).corruptions(images) is images
     assert isinstance(RandomNoiseBlend(), torch.nn.Module)
+
+
+def test_consistency_term_compares_t_on_corrupted_and_clean_images_and_trains_t_only():
+    class AddOne(torch.nn.Module):  # a corruption with a known effect
+        def forward(self, images):
+            return images + 1
+
+    class Scale(torch.nn.Module):  # T(x) = w x, one weight: T(x + 1) - T(x) = w
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+        def forward(self, images):
+            return self.w * images
+
+        def forward_with_head(self, images):
+            return self(images), None
+
+    torch.manual_seed(0)
+    victim = Classifier("resnet20", 10)
+    refine = Refine(
+        victim, Scale(), LabelPermutation(10), contrastive_weight=0.0, corruptions=[AddOne()], consistency_weight=2.0
+    )
+    images = torch.rand(4, 3, 32, 32)
+    parts = refine.loss(images)
+    assert parts["consistency"].item() == pytest.approx(0.25)  # (w * 1)^2
+    assert parts["loss"].item() == pytest.approx(parts["classification"].item() + 2.0 * 0.25)
+    parts["loss"].backward()
+    assert refine.transform_net.w.grad is not None
+    assert all(p.grad is None for p in victim.parameters())
+    # the term alone: d/dw of 2 mean((w (x + 1) - c)^2) at c = w x is 4 w mean(x + 1); were the
+    # clean T(x) not a target without gradient, it would be 4 w (the x terms cancel)
+    refine.transform_net.w.grad = None
+    refine.loss(images)["consistency"].mul(2.0).backward()
+    assert refine.transform_net.w.grad.item() == pytest.approx(2.0 * (images + 1).mean().item(), rel=1e-4)
+    from lightning_defense.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="give corruptions"):
+        Refine(victim, Scale(), LabelPermutation(10), consistency_weight=1.0)

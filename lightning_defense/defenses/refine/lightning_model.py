@@ -50,6 +50,8 @@ class REFINE(DefenseModule):
         corruptions: trigger-agnostic corruptions of T's inputs after the augmentation, against
             the clean images' labels (not in the paper; see :class:`Refine`), e.g.
             ``class_path: lightning_defense.data.RandomPatches``.
+        consistency_weight: > 0 asks T to rewrite a corrupted image as it rewrites the clean one
+            (not in the paper; see :class:`Refine`).
     """
 
     #: arguments a subclass with another T passes on unused: kept out of its hyperparameters
@@ -72,6 +74,7 @@ class REFINE(DefenseModule):
         encoder_head_weight: float = 0.0,
         augment: bool = True,
         corruptions: Sequence[nn.Module] = (),
+        consistency_weight: float = 0.0,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -93,6 +96,7 @@ class REFINE(DefenseModule):
             encoder_head_weight=encoder_head_weight,
             augmentation=BatchAugmentation() if augment else None,
             corruptions=corruptions,
+            consistency_weight=consistency_weight,
         )
 
     def setup(self, stage: str) -> None:

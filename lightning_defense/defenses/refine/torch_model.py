@@ -114,6 +114,7 @@ class Refine(nn.Module):
         encoder_head_weight: float = 0.0,
         augmentation: nn.Module | None = None,
         corruptions: Sequence[nn.Module] = (),
+        consistency_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if classification_loss not in ("ce", "bce", "soft"):
@@ -121,7 +122,12 @@ class Refine(nn.Module):
         for name, value in (("soft_label_temperature", soft_label_temperature), ("temperature", temperature)):
             if not value > 0:
                 raise ConfigurationError(f"{name} must be > 0, got {value}: it divides the logits or similarities.")
-        check_non_negative("REFINE", "0 turns the term off.", contrastive_weight=contrastive_weight)
+        weights = {"contrastive_weight": contrastive_weight, "consistency_weight": consistency_weight}
+        check_non_negative("REFINE", "0 turns the term off.", **weights)
+        if consistency_weight > 0 and not corruptions:
+            raise ConfigurationError(
+                "consistency_weight > 0 compares T on corrupted and on clean images: give corruptions."
+            )
         if encoder_head_weight < 0:
             raise ConfigurationError(f"encoder_head_weight must be >= 0, got {encoder_head_weight}.")
         has_head = isinstance(transform_net, TransformNet) and transform_net.unet.classification_head is not None
@@ -140,6 +146,7 @@ class Refine(nn.Module):
         self.encoder_head_weight = encoder_head_weight
         self.augmentation = augmentation
         self.corruptions = nn.Sequential(*corruptions)
+        self.consistency_weight = consistency_weight
 
     @torch.no_grad()
     def victim_logits(self, images: Tensor) -> Tensor:
@@ -178,8 +185,8 @@ class Refine(nn.Module):
         victim_logits = victim_logits.float()
         if self.augmentation is not None:
             images = self.augmentation(images)
-        images = self.corruptions(images)
-        transformed, encoder_logits = self.transform_net.forward_with_head(images)
+        corrupted = self.corruptions(images)
+        transformed, encoder_logits = self.transform_net.forward_with_head(corrupted)
         logits = self.label_permutation((classifier or self.victim)(transformed)).float()
         parts = {"classification": self.classification(logits, victim_logits, pseudo_labels)}
         total = parts["classification"]
@@ -192,6 +199,11 @@ class Refine(nn.Module):
                 features, labels = gather(features), gather(labels)
             parts["contrastive"] = supervised_contrastive_loss(features, labels, self.temperature)
             total = total + self.contrastive_weight * parts["contrastive"]
+        if self.consistency_weight > 0:
+            with torch.no_grad():
+                uncorrupted = self.transform_net(images)
+            parts["consistency"] = F.mse_loss(transformed.float(), uncorrupted.float())
+            total = total + self.consistency_weight * parts["consistency"]
         return {"loss": total, **parts}
 
     def classification(self, logits: Tensor, victim_logits: Tensor, pseudo_labels: Tensor) -> Tensor:
