@@ -2,9 +2,9 @@
 clone: the embedded ones on the package's own data, the others on fixture data of the layouts they
 read (CIFAR-10, GTSRB, Tiny-ImageNet, the external set) under $LIGHTNING_DEFENSE_DATA.
 
-Where a config defends the result of another run by design (BDMAE restores with an MAE trained by
-``configs/bdmae/mae.yaml``, FT+REFINE defends FT's repaired victim, the Tiny-ImageNet defense layers
-defend a Tiny-ImageNet victim), that run comes first, shortened too, as its header says."""
+Where a config defends the result of another run by design (FT+REFINE defends FT's repaired victim,
+the papers' settings and the Tiny-ImageNet defense layers defend victims trained by other configs),
+that run comes first, shortened too, as its header says."""
 
 from __future__ import annotations
 
@@ -28,8 +28,6 @@ SHORT = [
 TEST_TIME = ("ShrinkPad", "BDMAE")  # nothing to train: `lightning validate`
 #: runs a config needs first, shortened: (config, its extra arguments, what the config then gets)
 FIRST = {
-    "bdmae.yaml": ("bdmae/mae.yaml", [], []),  # writes runs/mae/version_0/mae.safetensors, which bdmae.yaml reads
-    "bdmae/cifar10.yaml": ("bdmae/mae.yaml", [], []),
     # the papers' settings defend the ResNet-18 victim of the GPU recipe
     **{
         full: ("victims/cifar10_badnets_resnet18.yaml", [], [])

@@ -47,8 +47,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # facebookresearch/mae's head counts that do not follow the usual 64 channels per head
 KNOWN_HEADS = {"encoder": {1280: 16}, "decoder": {512: 16}}
 HOW_TO_GET_AN_MAE = (
-    "Train one on your unlabeled images with `lightning fit --config configs/bdmae/mae.yaml` (it writes "
-    "runs/mae/version_N/mae.safetensors), or, online, download facebookresearch/mae's mae_visualize_vit_base.pth."
+    "The package ships one for 32x32 CIFAR-10 (checkpoints/cifar10_mae.safetensors). Train one on your unlabeled "
+    "images with `lightning fit --config configs/bdmae/mae.yaml` (it writes runs/mae/version_N/mae.safetensors), "
+    "or, online, download facebookresearch/mae's mae_visualize_vit_base.pth."
 )
 
 
