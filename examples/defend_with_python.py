@@ -45,7 +45,7 @@ def main() -> None:
     model = CPURecipeREFINE(
         VICTIM,
         decoder_channels=(128, 64, 32, 16),
-        residual=True,
+        residual=False,
         classification_loss="soft",
         encoder_head_weight=1.0,
         contrastive_weight=1.0,
