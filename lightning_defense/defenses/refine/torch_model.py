@@ -100,6 +100,12 @@ class Refine(nn.Module):
             clean images (not in the paper): trigger-agnostic corruptions such as
             :class:`~lightning_defense.data.augmentation.RandomPatches` ask T to answer as if they
             were not there, i.e. to rewrite trigger-shaped content instead of copying it.
+        consistency_weight: weight of a term (not in the paper) asking T to rewrite a corrupted
+            image as it rewrites the uncorrupted one: the mean squared difference between
+            T(corrupted) and T(uncorrupted), the latter a target without gradient. The
+            classification term alone is satisfied when a corruption leaves the victim's answer
+            as it is (almost every random patch does), so T may copy it through; this term asks
+            T to erase it wherever it is. Needs ``corruptions``; 0 disables.
     """
 
     def __init__(
