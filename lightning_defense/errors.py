@@ -51,6 +51,13 @@ def check_non_negative(owner: str, fix: str = "", **values: float | None) -> Non
         raise ConfigurationError(f"{owner}: {', '.join(bad)} must be >= 0. {fix}".rstrip())
 
 
+def check_probability(owner: str, **values: float) -> None:
+    """Refuse probabilities outside [0, 1], naming each."""
+    bad = [f"{name} = {value}" for name, value in values.items() if not 0 <= value <= 1]
+    if bad:
+        raise ConfigurationError(f"{owner}: {', '.join(bad)} must be in [0, 1].")
+
+
 def check_image_size(size: object, option: str = "image_size") -> tuple[int, int]:
     """``(height, width)``, both positive integers, from a setting."""
     values = tuple(size) if isinstance(size, list | tuple) else ()

@@ -81,3 +81,29 @@ def test_random_noise_blend_stays_within_its_alpha_and_rate():
     blended = (out != images).flatten(1).any(1).float().mean()
     assert abs(blended - 0.5) < 0.03
     assert torch.equal(RandomNoiseBlend(p=0.0)(images), images)
+
+
+def test_image_mixup_mixes_two_images_of_the_batch_at_its_rate():
+    from lightning_defense.data.augmentation import ImageMixup
+    from lightning_defense.errors import ConfigurationError
+
+    torch.manual_seed(0)
+    values = torch.arange(4000, dtype=torch.float32) / 4000  # image i is the constant values[i]
+    images = values[:, None, None, None].expand(-1, 3, 4, 4).contiguous()
+    out = ImageMixup(p=0.5, alpha=1.0)(images)
+    flat = out.flatten(1)
+    assert torch.equal(flat.min(1).values, flat.max(1).values)  # one weight per image, not per pixel
+    mixed = flat[:, 0] != values
+    assert abs(mixed.float().mean() - 0.5) < 0.03
+    # lam x_i + (1 - lam) x_j with lam in [0, 1]: inside the batch's range, lam itself uniform (Beta(1, 1))
+    assert out.min() >= 0 and out.max() <= values.max()
+    assert torch.equal(ImageMixup(p=0.0)(images), images)
+    # a batch of two images, a = 0 and b = 1: a's partner is a or b (a random permutation), and
+    # mixed with b it reads 1 - lam, uniform for Beta(1, 1); a mix with b never stays a
+    pair = torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)])
+    shares = torch.stack([ImageMixup(p=1.0)(pair)[0, 0, 0, 0] for _ in range(2000)])
+    assert abs((shares == 0).float().mean() - 0.5) < 0.05
+    assert abs(shares[shares > 0].mean() - 0.5) < 0.03
+    for bad in ({"p": 1.5}, {"alpha": 0.0}):
+        with pytest.raises(ConfigurationError):
+            ImageMixup(**bad)

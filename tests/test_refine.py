@@ -527,6 +527,37 @@ def test_corruptions_reach_t_after_the_augmentation_while_the_victim_labels_the_
     assert isinstance(RandomNoiseBlend(), torch.nn.Module)
 
 
+def test_labelled_augmentations_come_before_the_victim_labels_and_given_logits_skip_them():
+    class Halve(torch.nn.Module):
+        calls = 0
+
+        def forward(self, images):
+            Halve.calls += 1
+            return images / 2
+
+    torch.manual_seed(0)
+    victim = Classifier("resnet20", 10)
+    refine = Refine(
+        victim,
+        TransformNet("resnet18", 3, (32, 16, 8)),
+        LabelPermutation(10),
+        classification_loss="soft",
+        labelled_augmentations=[Halve()],
+    )
+    images = torch.rand(8, 3, 32, 32) + 0.5  # the victim answers differently on the halved images
+    assert not torch.equal(victim(images).argmax(1), victim(images / 2).argmax(1))
+    targets = []
+    classification = refine.classification
+    refine.classification = lambda logits, victim_logits, labels: (
+        targets.append(victim_logits) or classification(logits, victim_logits, labels)
+    )
+    refine.loss(images)
+    assert torch.allclose(targets[0], victim(images / 2).float())
+    assert Halve.calls == 1
+    refine.loss(images / 2, victim(images / 2))  # given logits: the caller applied them already
+    assert Halve.calls == 1
+
+
 def test_consistency_term_compares_t_on_corrupted_and_clean_images_and_trains_t_only():
     class AddOne(torch.nn.Module):  # a corruption with a known effect
         def forward(self, images):

@@ -1,6 +1,12 @@
 """DataModules and in-memory data sets (images are uint8 in memory, float [0, 1] when served)."""
 
-from lightning_defense.data.augmentation import CropFlip, RandomNoiseBlend, RandomPatches, RefineAugmentation
+from lightning_defense.data.augmentation import (
+    CropFlip,
+    ImageMixup,
+    RandomNoiseBlend,
+    RandomPatches,
+    RefineAugmentation,
+)
 from lightning_defense.data.auxiliary import (
     AuxiliaryData,
     CINIC10ImageNetData,
@@ -32,6 +38,7 @@ __all__ = [
     "CINIC10ImageNetData",
     "Calibrated",
     "CropFlip",
+    "ImageMixup",
     "RandomNoiseBlend",
     "RandomPatches",
     "RefineAugmentation",

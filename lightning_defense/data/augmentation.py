@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lightning_defense.errors import ConfigurationError
+from lightning_defense.errors import ConfigurationError, check_probability
 
 
 class CropFlip(v2.Transform):
@@ -144,8 +144,7 @@ class RandomPatches(nn.Module):
 
     def __init__(self, p: float = 0.5, count: int = 1, min_size: int = 2, max_size: int = 8) -> None:
         super().__init__()
-        if not 0 <= p <= 1:
-            raise ConfigurationError(f"RandomPatches: p must be in [0, 1], got {p}.")
+        check_probability("RandomPatches", p=p)
         if not 1 <= min_size <= max_size:
             raise ConfigurationError(f"RandomPatches: need 1 <= min_size <= max_size, got {min_size} and {max_size}.")
         if count < 1:
@@ -177,8 +176,7 @@ class RandomNoiseBlend(nn.Module):
 
     def __init__(self, p: float = 0.5, max_alpha: float = 0.2) -> None:
         super().__init__()
-        if not 0 <= p <= 1:
-            raise ConfigurationError(f"RandomNoiseBlend: p must be in [0, 1], got {p}.")
+        check_probability("RandomNoiseBlend", p=p)
         if not 0 < max_alpha <= 1:
             raise ConfigurationError(f"RandomNoiseBlend: max_alpha must be in (0, 1], got {max_alpha}.")
         self.p, self.max_alpha = p, max_alpha
@@ -189,3 +187,27 @@ class RandomNoiseBlend(nn.Module):
         alpha = torch.where(torch.rand(n, device=images.device) < self.p, alpha, torch.zeros_like(alpha))
         alpha = alpha[:, None, None, None].to(images.dtype)
         return (1 - alpha) * images + alpha * torch.rand_like(images)
+
+
+class ImageMixup(nn.Module):
+    """Mixup of unlabeled images (Zhang et al., 2018, without the labels): each image, with
+    probability ``p``, becomes ``lam x + (1 - lam) x'`` with ``x'`` another image of the batch and
+    ``lam`` drawn from Beta(``alpha``, ``alpha``). For a defense whose targets are the victim's
+    answers, applied before the victim labels the batch: every epoch then shows new images and
+    new targets, which a small auxiliary set (a few thousand images) otherwise lacks."""
+
+    def __init__(self, p: float = 0.5, alpha: float = 1.0) -> None:
+        super().__init__()
+        check_probability("ImageMixup", p=p)
+        if not alpha > 0:
+            raise ConfigurationError(f"ImageMixup: alpha must be > 0 (the Beta distribution's shape), got {alpha}.")
+        self.p, self.alpha = p, alpha
+
+    def forward(self, images: Tensor) -> Tensor:
+        n, device = len(images), images.device
+        partners = images[torch.randperm(n, device=device)]
+        alpha = torch.tensor(self.alpha, device=device)
+        lam = torch.distributions.Beta(alpha, alpha).sample((n,))
+        lam = torch.where(torch.rand(n, device=device) < self.p, lam, torch.ones_like(lam))
+        lam = lam[:, None, None, None].to(images.dtype)
+        return lam * images + (1 - lam) * partners

@@ -45,6 +45,9 @@ class REFINE(DefenseModule):
         soft_label_temperature: softens the ``soft`` loss's distributions.
         encoder_head_weight: > 0 gives T an encoder head trained on the victim's answers (a
             training aid, not in the paper; see :class:`Refine`).
+        labelled_augmentations: augmentations the victim labels, before T's training inputs are
+            drawn from the result (not in the paper; see :class:`Refine`), e.g.
+            ``class_path: lightning_defense.data.ImageMixup``.
         augment: the recipe's augmentation of T's inputs, after the victim labelled the images
             as they are (see :class:`Refine`); the data module must then serve them unaugmented.
         corruptions: trigger-agnostic corruptions of T's inputs after the augmentation, against
@@ -72,6 +75,7 @@ class REFINE(DefenseModule):
         temperature: float = 0.07,
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
+        labelled_augmentations: Sequence[nn.Module] = (),
         augment: bool = True,
         corruptions: Sequence[nn.Module] = (),
         consistency_weight: float = 0.0,
@@ -84,7 +88,7 @@ class REFINE(DefenseModule):
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
         # modules are not hyperparameters (a checkpoint's are read weights-only): the run's config records them
-        self.save_hyperparameters(ignore=[*self.unused_hparams, "corruptions"])
+        self.save_hyperparameters(ignore=[*self.unused_hparams, "labelled_augmentations", "corruptions"])
         self.model = Refine(
             victim_model,
             self.build_transform_net(victim_model.num_classes),
@@ -94,6 +98,7 @@ class REFINE(DefenseModule):
             temperature=temperature,
             soft_label_temperature=soft_label_temperature,
             encoder_head_weight=encoder_head_weight,
+            labelled_augmentations=labelled_augmentations,
             augmentation=BatchAugmentation() if augment else None,
             corruptions=corruptions,
             consistency_weight=consistency_weight,
@@ -215,6 +220,7 @@ class BlackBoxREFINE(REFINE):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, _ = batch
+        images = self.model.labelled_augmentations(images)  # the surrogate learns on what T will see labelled
         probabilities = self.victim_probabilities(images)
         if self.distilling:
             loss = surrogate_loss(self.surrogate(images), probabilities)

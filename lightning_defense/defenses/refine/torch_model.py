@@ -90,6 +90,12 @@ class Refine(nn.Module):
             classification loss between T's encoder head (see :class:`TransformNet`) and the
             victim's answer, so T's encoder learns to tell the classes apart directly instead of
             only through its decoder and the victim. Needs a T with an encoder head; 0 disables.
+        labelled_augmentations: applied in order *before* the victim labels the batch, so the
+            victim's answer on the augmented image is the target (not in the paper): for
+            augmentations that change what an image shows, such as
+            :class:`~lightning_defense.data.augmentation.ImageMixup`, which give a small
+            auxiliary set new images and targets every epoch. A caller that passes
+            ``victim_logits`` to :meth:`loss` applies them first.
         augmentation: training augmentation of T's inputs, applied *after* the victim labelled
             the images as they are: an augmentation can fire a backdoor (the recipe's
             RandomResizedCrop resamples, i.e. warps, and the WaNet victim answers its target on
@@ -118,6 +124,7 @@ class Refine(nn.Module):
         temperature: float = 0.07,
         soft_label_temperature: float = 4.0,
         encoder_head_weight: float = 0.0,
+        labelled_augmentations: Sequence[nn.Module] = (),
         augmentation: nn.Module | None = None,
         corruptions: Sequence[nn.Module] = (),
         consistency_weight: float = 0.0,
@@ -150,6 +157,7 @@ class Refine(nn.Module):
         self.temperature = temperature
         self.soft_label_temperature = soft_label_temperature
         self.encoder_head_weight = encoder_head_weight
+        self.labelled_augmentations = nn.Sequential(*labelled_augmentations)
         self.augmentation = augmentation
         self.corruptions = nn.Sequential(*corruptions)
         self.consistency_weight = consistency_weight
@@ -178,14 +186,17 @@ class Refine(nn.Module):
 
         ``images`` are the auxiliary images as they are (the augmentation comes after labelling).
         ``victim_logits`` are F's outputs on ``images`` when the caller has them (any logits that
-        give the victim's probabilities will do, e.g. their log). ``classifier`` stands in for the
-        victim in the loss (black-box mode trains T against a surrogate, since a black-box victim
-        gives no gradients). ``gather`` concatenates a tensor over all processes, with gradients,
-        so that under data parallelism SupCon contrasts the global batch as on one device (every
+        give the victim's probabilities will do, e.g. their log; ``images`` have then been through
+        ``labelled_augmentations`` already, else they are applied here before labelling).
+        ``classifier`` stands in for the victim in the loss (black-box mode trains T against a
+        surrogate, since a black-box victim gives no gradients). ``gather`` concatenates a tensor
+        over all processes, with gradients, so that under data parallelism SupCon contrasts the
+        global batch as on one device (every
         process computes the same global term; the gradient averaging of DDP then yields the
         global term's gradient); the other terms are means over the local batch.
         """
         if victim_logits is None:
+            images = self.labelled_augmentations(images)
             victim_logits = self.victim_logits(images)
         pseudo_labels = victim_logits.argmax(dim=1)
         victim_logits = victim_logits.float()
