@@ -27,6 +27,7 @@ from jsonargparse import ArgumentParser
 
 from lightning_defense.data import AuxiliaryData, Calibrated, CIFAR10DataModule, CropFlip
 from lightning_defense.data.augmentation import augment_each
+from lightning_defense.lazy import import_all
 from lightning_defense.victims import Classifier, load_victim
 
 
@@ -44,6 +45,7 @@ def main() -> None:
     victim = load_victim(study["victim"])
     source = CIFAR10DataModule(reserved_fraction=0.05, seed=0)  # the study's `arguments`: the victim's split
     source.setup("fit")
+    import_all("lightning_defense.data")  # the study names the kinds of data by short class names
     builder = ArgumentParser()
     builder.add_argument("--aux", type=AuxiliaryData)
     calibration = study.get("calibration") or {}

@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_defense.attacks import attack_of_victim
 from lightning_defense.data import CIFAR10DataModule
 from lightning_defense.data.embedded_cifar10 import load_embedded_cifar10
-from lightning_defense.defenses.refine.deploy import load_defended
+from lightning_defense.defenses.components import load_defended
 from lightning_defense.safetensors_io import read_safetensors
 
 

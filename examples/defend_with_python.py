@@ -19,8 +19,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 from lightning_defense import DefenseTrainer
 from lightning_defense.callbacks import TransformGrid
 from lightning_defense.data import DefenseDataModule, EmbeddedCIFAR10DataModule, SeenData
-from lightning_defense.defenses import REFINE
-from lightning_defense.defenses.refine import load_defended
+from lightning_defense.defenses import REFINE, load_defended
 
 VICTIM = "checkpoints/cifar10_resnet20_badnets.safetensors"  # or your own victim file (`lightning wrap`)
 

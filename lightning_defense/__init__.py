@@ -1,11 +1,16 @@
 """lightning-defense: defending image classifiers against backdoors, on PyTorch Lightning."""
 
-from lightning_defense import attacks, callbacks, data, defenses, victims
-from lightning_defense.callbacks import EpochSummary, PredictionWriter
-from lightning_defense.defenses import REFINE
-from lightning_defense.trainer import DefenseTrainer
-from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer
-from lightning_defense.victims.lightning_model import VictimTrainer
+from typing import TYPE_CHECKING
+
+from lightning_defense.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_defense import attacks, callbacks, data, defenses, victims
+    from lightning_defense.callbacks import EpochSummary, PredictionWriter
+    from lightning_defense.defenses import REFINE
+    from lightning_defense.trainer import DefenseTrainer
+    from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer
+    from lightning_defense.victims.lightning_model import VictimTrainer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -21,3 +26,5 @@ __all__ = [
     "defenses",
     "victims",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -1,10 +1,9 @@
-"""Reading and writing torch files: the one weights-only load path, and checkpoints that survive a
-kill during the write."""
+"""Reading torch files: the one weights-only load path (plain torch; the Trainer's checkpoint
+writer is :class:`lightning_defense.trainer.AtomicCheckpointIO`)."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 import sys
@@ -14,8 +13,7 @@ from urllib.error import URLError
 from urllib.parse import urlparse
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import get_filesystem
+from fsspec.core import url_to_fs
 
 from lightning_defense.errors import UntrustedCheckpointError
 
@@ -64,7 +62,7 @@ def check_checkpoint(checkpoint: Any, path: object) -> None:
         )
 
 
-def _is_url(path: object) -> bool:
+def is_url(path: object) -> bool:
     return str(path).startswith(("http://", "https://"))
 
 
@@ -73,13 +71,14 @@ def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
     URL) as weights only: tensors and plain containers, never pickled objects (contract 3)."""
     check_torch_version()
     try:
-        if _is_url(path):
+        if is_url(path):
             # cached under a name of the whole URL: .../runA/last.ckpt and .../runB/last.ckpt must not collide
             name = f"{hashlib.sha256(str(path).encode()).hexdigest()[:16]}-{Path(urlparse(str(path)).path).name}"
             return torch.hub.load_state_dict_from_url(
                 str(path), map_location=map_location, weights_only=True, file_name=name
             )
-        with get_filesystem(path).open(str(path), "rb") as f:
+        filesystem, location = url_to_fs(str(path))
+        with filesystem.open(location, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UntrustedCheckpointError(
@@ -100,35 +99,3 @@ def load_weights(path: str | Path, map_location: Any = "cpu") -> Any:
             f"{str(path)!r} could not be read as a PyTorch checkpoint ({err}). It may be truncated or not a "
             "checkpoint at all; re-copy or re-export it."
         ) from err
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to ``<name>.partial`` beside it, flush it to disk, then rename it over
-    the old one, so a run killed mid-write (or a full disk) leaves the previous checkpoint whole.
-    Read every checkpoint with :func:`load_weights`, whatever ``weights_only`` Lightning asks for.
-
-    Lightning's own writer stages through the system's temporary folder and *moves* the file,
-    which is a copy, not a rename, when that folder is on another file system.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path):  # remote storage: Lightning's fsspec writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".partial")
-        try:
-            with partial.open("wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
-
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        if not _is_url(path) and not get_filesystem(path).exists(str(path)):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        checkpoint = load_weights(path, map_location="cpu" if map_location is None else map_location)
-        check_checkpoint(checkpoint, path)
-        return checkpoint

@@ -1,7 +1,7 @@
 """The ``lightning`` / ``lightning-defense`` command: LightningCLI over every module and DataModule.
 
-Model and data are given in subclass mode (``class_path``/``init_args``); importing the package
-registers every LightningModule and DataModule, so short class names resolve.
+Model and data are given in subclass mode (``class_path``/``init_args``); this module imports every
+LightningModule, DataModule, attack and callback of the package, so short class names resolve.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-import lightning_defense  # noqa: F401  (registers modules, DataModules and attacks)
 from lightning_defense.callbacks import (
     EpochMetricsFile,
     EpochSummary,
@@ -35,9 +34,10 @@ from lightning_defense.callbacks import (
     StopOnNonFiniteLoss,
     run_folder,
 )
-from lightning_defense.checkpoint_io import AtomicCheckpointIO, check_checkpoint, imported_object, load_weights
+from lightning_defense.checkpoint_io import check_checkpoint, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
 from lightning_defense.hardware import configure_threads
+from lightning_defense.lazy import import_all
 from lightning_defense.run_folder import (
     KeepConfigCallback,
     check_fresh_folder,
@@ -48,9 +48,17 @@ from lightning_defense.run_folder import (
     resolve_last_checkpoint,
 )
 from lightning_defense.shipped import config_path
-from lightning_defense.trainer import DefenseTrainer
+from lightning_defense.trainer import AtomicCheckpointIO, DefenseTrainer
 from lightning_defense.victims.architectures import allow_network
 from lightning_defense.victims.victim_file import check_same_victim
+
+import_all(
+    "lightning_defense",
+    "lightning_defense.attacks",
+    "lightning_defense.data",
+    "lightning_defense.defenses",
+    "lightning_defense.victims",
+)
 
 # `ckpt_path` values that Lightning resolves itself
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc", "registry")

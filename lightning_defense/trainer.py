@@ -1,15 +1,21 @@
 """The Trainer of the ``lightning`` command: Lightning's, with precision and memory layout that
-follow the hardware (:mod:`lightning_defense.hardware`)."""
+follow the hardware (:mod:`lightning_defense.hardware`), and its checkpoint writer."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from lightning import Trainer
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_defense.checkpoint_io import check_checkpoint, is_url, load_weights
 from lightning_defense.hardware import auto_precision, device_type, uses_channels_last
 
 
@@ -53,3 +59,35 @@ class DefenseTrainer(Trainer):
             rank_zero_info(f"Precision auto -> {self.precision}: {choice.reason}; {layout}.")
         elif channels_last == "auto":
             rank_zero_info(f"Precision {self.precision} (given); {layout}.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to ``<name>.partial`` beside it, flush it to disk, then rename it over
+    the old one, so a run killed mid-write (or a full disk) leaves the previous checkpoint whole.
+    Read every checkpoint with :func:`load_weights`, whatever ``weights_only`` Lightning asks for.
+
+    Lightning's own writer stages through the system's temporary folder and *moves* the file,
+    which is a copy, not a rename, when that folder is on another file system.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's fsspec writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            with partial.open("wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not is_url(path) and not get_filesystem(path).exists(str(path)):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        checkpoint = load_weights(path, map_location="cpu" if map_location is None else map_location)
+        check_checkpoint(checkpoint, path)
+        return checkpoint

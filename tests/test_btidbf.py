@@ -160,7 +160,7 @@ def tiny_trainer(tmp_path: Path, **kwargs) -> Trainer:
 
 
 def test_purification_leaves_the_victim_untouched_and_exports_a_loadable_defense(tmp_path):
-    from lightning_defense.defenses.refine.deploy import load_defended
+    from lightning_defense.defenses.components import load_defended
 
     victim = victim_file(tmp_path)
     module = BTIDBFPurification(victim, rounds=1, mask_epochs=1, generator_epochs=1, defense_epochs=1, **TINY_UNET)

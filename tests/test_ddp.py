@@ -16,25 +16,25 @@ import torch.multiprocessing as mp
 import yaml
 from torch.distributed.nn.functional import all_gather
 
-from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
-from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.defenses.components import LabelPermutation, TransformNet
+from lightning_defense.defenses.refine.torch_model import RefineModel
 from lightning_defense.victims import Classifier
 
 WORLD = 2
 
 
-def refine_and_batch() -> tuple[Refine, torch.Tensor]:
+def refine_and_batch() -> tuple[RefineModel, torch.Tensor]:
     torch.manual_seed(0)
     victim = Classifier("resnet20", 10)
     transform = TransformNet("resnet18", 3, (32, 16, 8), residual=True)
-    refine = Refine(victim, transform, LabelPermutation(10), classification_loss="soft", contrastive_weight=1.0)
+    refine = RefineModel(victim, transform, LabelPermutation(10), classification_loss="soft", contrastive_weight=1.0)
     # BatchNorm in T normalises with the local batch under DDP (sync_batchnorm needs a GPU), so the
     # comparison keeps its running statistics; everything else is the training computation
     refine.transform_net.eval()
     return refine, torch.rand(16, 3, 32, 32)
 
 
-def gradients(refine: Refine) -> torch.Tensor:
+def gradients(refine: RefineModel) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in refine.transform_net.parameters() if p.grad is not None])
 
 

@@ -106,11 +106,11 @@ def test_a_transform_that_copies_its_input_keeps_the_backdoor_in_asr_any():
     """Issue 29's failure caught by the metric: T = identity and a label permutation M move every
     triggered image that fires the victim to M(target). The defended ASR then reads ~0, while the
     relabel-proof ASR of the defended model equals the victim's ASR."""
-    from lightning_defense.defenses.refine import LabelPermutation, Refine, TransformNet
+    from lightning_defense.defenses.refine import LabelPermutation, RefineModel, TransformNet
     from lightning_defense.victims import Classifier
 
     torch.manual_seed(0)
-    refine = Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (16, 8, 4)), LabelPermutation(10))
+    refine = RefineModel(Classifier("resnet20", 10), TransformNet("resnet18", 3, (16, 8, 4)), LabelPermutation(10))
     refine.transform_net = torch.nn.Identity()
     images = torch.rand(64, 3, 32, 32)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from lightning_defense.defenses.refine import (
     REFINE,
     LabelPermutation,
-    Refine,
+    RefineModel,
     TransformNet,
     derangement,
     supervised_contrastive_loss,
@@ -127,9 +127,11 @@ def test_every_loss_form_runs_under_bf16_autocast(classification_loss):
     assert torch.isfinite(losses["loss"]) and losses["classification"].dtype == torch.float32
 
 
-def make_refine(**kwargs) -> Refine:
+def make_refine(**kwargs) -> RefineModel:
     torch.manual_seed(0)
-    return Refine(Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10), **kwargs)
+    return RefineModel(
+        Classifier("resnet20", 10), TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10), **kwargs
+    )
 
 
 @pytest.mark.parametrize("classification_loss", ["ce", "bce", "soft"])
@@ -166,7 +168,7 @@ def test_the_victim_labels_the_images_as_they_are_and_t_learns_on_augmented_ones
     torch.manual_seed(0)
     victim = Classifier("resnet20", 10)
     t = SpyT("resnet18", 3, (32, 16, 8))
-    refine = Refine(victim, t, LabelPermutation(10), classification_loss="ce", augmentation=GrayIt())
+    refine = RefineModel(victim, t, LabelPermutation(10), classification_loss="ce", augmentation=GrayIt())
     images = torch.rand(8, 3, 32, 32)
     labels_of_raw = victim(images).argmax(1)
     assert not torch.equal(labels_of_raw, victim(GrayIt()(images)).argmax(1))  # the test can tell them apart
@@ -236,7 +238,7 @@ def test_transform_net_can_be_built_for_inference(context):
 
 
 def test_encoder_head_learns_from_the_victim_and_stays_out_of_inference():
-    refine = Refine(
+    refine = RefineModel(
         Classifier("resnet20", 10),
         TransformNet("resnet18", 3, (32, 16, 8), encoder_head_classes=10),
         LabelPermutation(10),
@@ -252,14 +254,14 @@ def test_encoder_head_learns_from_the_victim_and_stays_out_of_inference():
     assert not any("classification_head" in k for k in weights)
     TransformNet("resnet18", 3, (32, 16, 8)).load_state_dict(weights)  # strict: a head-less T takes them
     with pytest.raises(ValueError, match="encoder_head_classes"):  # a weight without a head
-        Refine(
+        RefineModel(
             Classifier("resnet20", 10),
             TransformNet("resnet18", 3, (32, 16, 8)),
             LabelPermutation(10),
             encoder_head_weight=1.0,
         )
     with pytest.raises(ValueError, match="encoder_head_classes"):  # a head that would get no gradient
-        Refine(
+        RefineModel(
             Classifier("resnet20", 10),
             TransformNet("resnet18", 3, (32, 16, 8), encoder_head_classes=10),
             LabelPermutation(10),
@@ -334,7 +336,7 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
     assert (run / "transforms" / "epoch_000.png").stat().st_size > 1000
 
     # the export loads into one module, without Lightning, and predicts as the trained defense
-    from lightning_defense.defenses.refine.deploy import load_defended
+    from lightning_defense.defenses.components import load_defended
     from lightning_defense.defenses.refine.lightning_model import REFINE
 
     trained = REFINE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True).eval()
@@ -347,7 +349,7 @@ def test_refine_runs_through_the_cli_and_reports_defended_and_victim_metrics(tmp
         load_defended(run / "defended.safetensors", victim_path=other)
 
     # ... and exports as one program for any batch size (issue 7: T, F and M as one module)
-    from lightning_defense.defenses.refine.deploy import export_program
+    from lightning_defense.defenses.components import export_program
 
     program = torch.export.load(export_program(deployed, tmp_path / "defended.pt2")).module()
     images = torch.rand(5, 3, 32, 32)
@@ -502,7 +504,7 @@ def test_corruptions_reach_t_after_the_augmentation_while_the_victim_labels_the_
 
     torch.manual_seed(0)
     victim = Classifier("resnet20", 10)
-    refine = Refine(
+    refine = RefineModel(
         victim,
         SpyT("resnet18", 3, (32, 16, 8)),
         LabelPermutation(10),
@@ -523,7 +525,10 @@ def test_corruptions_reach_t_after_the_augmentation_while_the_victim_labels_the_
     # REFINE's own arguments take them from a config, and keep modules out of the hyperparameters
     from lightning_defense.data import RandomNoiseBlend
 
-    assert Refine(victim, TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10)).corruptions(images) is images
+    assert (
+        RefineModel(victim, TransformNet("resnet18", 3, (32, 16, 8)), LabelPermutation(10)).corruptions(images)
+        is images
+    )
     assert isinstance(RandomNoiseBlend(), torch.nn.Module)
 
 
@@ -537,7 +542,7 @@ def test_labelled_augmentations_come_before_the_victim_labels_and_given_logits_s
 
     torch.manual_seed(0)
     victim = Classifier("resnet20", 10)
-    refine = Refine(
+    refine = RefineModel(
         victim,
         TransformNet("resnet18", 3, (32, 16, 8)),
         LabelPermutation(10),
@@ -576,7 +581,7 @@ def test_consistency_term_compares_t_on_corrupted_and_clean_images_and_trains_t_
 
     torch.manual_seed(0)
     victim = Classifier("resnet20", 10)
-    refine = Refine(
+    refine = RefineModel(
         victim, Scale(), LabelPermutation(10), contrastive_weight=0.0, corruptions=[AddOne()], consistency_weight=2.0
     )
     images = torch.rand(4, 3, 32, 32)
@@ -594,4 +599,4 @@ def test_consistency_term_compares_t_on_corrupted_and_clean_images_and_trains_t_
     from lightning_defense.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="give corruptions"):
-        Refine(victim, Scale(), LabelPermutation(10), consistency_weight=1.0)
+        RefineModel(victim, Scale(), LabelPermutation(10), consistency_weight=1.0)

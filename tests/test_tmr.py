@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_defense.defenses.components import BorderPerturbation
 from lightning_defense.defenses.refine import load_defended
 from lightning_defense.defenses.tmr import TMR
-from lightning_defense.defenses.transform_net import BorderPerturbation
 from lightning_defense.errors import ConfigurationError
 
 REPO = Path(__file__).resolve().parents[1]

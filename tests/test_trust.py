@@ -14,10 +14,10 @@ from lightning.pytorch.cli import LightningCLI
 from test_fault_tolerance import lightning, one_clear_error, tiny_config
 from test_resume import refine, write_config
 
-from lightning_defense import checkpoint_io
 from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.cli import DefenseCLI, main
 from lightning_defense.errors import UntrustedCheckpointError
+from lightning_defense.trainer import AtomicCheckpointIO
 
 #: run again on the lowest versions pyproject.toml allows (`nox -s lowest`, .ci/run)
 pytestmark = pytest.mark.trust_boundary
@@ -59,7 +59,7 @@ def test_the_atomic_writer_reads_weights_only_whatever_lightning_asks(tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"payload": RunsCode(marker)}, evil)
     with pytest.raises(UntrustedCheckpointError, match="pickled Python objects"):
-        checkpoint_io.AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
     assert not marker.exists()
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.lazy import import_all
 from lightning_defense.safetensors_io import build_from_metadata
 from lightning_defense.shipped import resolve
 
@@ -173,7 +174,7 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
     Only subclasses of :class:`Attack` defined in this package are accepted: the config may come
     from an untrusted file, and importing an arbitrary class path from it would run code.
     """
-    import lightning_defense.attacks  # noqa: F401  (registers every attack)
+    import_all("lightning_defense.attacks")  # every attack, not only those imported so far
 
     def subclasses(cls: type) -> list[type]:
         return [cls, *[s for c in cls.__subclasses__() for s in subclasses(c)]]

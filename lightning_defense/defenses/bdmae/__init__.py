@@ -1,8 +1,13 @@
 """BDMAE: mask likely trigger tokens of each test image and restore them with a masked autoencoder."""
 
-from lightning_defense.defenses.bdmae.lightning_model import BDMAE, MAETrainer
-from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae
-from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense, HardLabelOracle, Purification
+from typing import TYPE_CHECKING
+
+from lightning_defense.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_defense.defenses.bdmae.lightning_model import BDMAE, MAETrainer
+    from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae
+    from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense, HardLabelOracle, PurifiedBatch
 
 __all__ = [
     "BDMAE",
@@ -10,7 +15,9 @@ __all__ = [
     "HardLabelOracle",
     "MAETrainer",
     "MaskedAutoencoder",
-    "Purification",
+    "PurifiedBatch",
     "load_mae",
     "save_mae",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

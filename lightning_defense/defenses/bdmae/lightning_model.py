@@ -198,6 +198,8 @@ class BDMAE(DefenseModule):
     with the authors' defaults.
     """
 
+    model: BDMAEDefense
+
     def __init__(
         self,
         victim: str,

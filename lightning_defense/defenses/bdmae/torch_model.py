@@ -73,7 +73,7 @@ class HardLabelOracle(nn.Module):
         return torch.cat([self.classifier(chunk).argmax(dim=1) for chunk in images.split(self.chunk_size)])
 
 
-class Purification(NamedTuple):
+class PurifiedBatch(NamedTuple):
     """What BDMAE makes of a batch: the purified images, the final token scores (N, L) and the
     largest restored token mask (N, L)."""
 
@@ -323,7 +323,7 @@ class BDMAEDefense(nn.Module):
         return refined[: len(images)], refined[len(images) :]
 
     @torch.no_grad()
-    def purify(self, images: Tensor) -> Purification:
+    def purify(self, images: Tensor) -> PurifiedBatch:
         """BDMAE's restored images for [0, 1] ``images``."""
         labels = self.oracle(images)
         image_scores, label_scores = self.refine(images, labels, *self.initial_scores(images, labels))
@@ -335,7 +335,7 @@ class BDMAEDefense(nn.Module):
         purified = fuse_restorations(
             images, restored.reshape(levels, *images.shape), pixels.reshape(levels, len(images), 1, *images.shape[-2:])
         )
-        return Purification(purified, scores, token_masks[-1])
+        return PurifiedBatch(purified, scores, token_masks[-1])
 
     def forward(self, images: Tensor) -> Tensor:
         """The victim's hard labels of the purified images."""

@@ -27,9 +27,7 @@ from lightning_defense.defenses.btidbf.torch_model import (
     TriggerInversion,
     Unlearning,
 )
-from lightning_defense.defenses.refine.deploy import save_defended
-from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
-from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.defenses.components import LabelPermutation, ReprogrammedClassifier, TransformNet, save_defended
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
 
@@ -91,6 +89,8 @@ class BTIDBF(DefenseModule):
             and its checkpoints hold two UNets with their optimizer states: each save takes about
             0.1 s, so every epoch would cost 15% more time on the embedded default).
     """
+
+    model: TriggerInversion
 
     def __init__(
         self,
@@ -442,6 +442,8 @@ class BTIDBFPurification(BTIDBF):
         defense_lr: the purifier's Adam learning rate (official: 1e-3).
     """
 
+    model: Purification
+
     def __init__(
         self,
         victim: str,
@@ -476,7 +478,9 @@ class BTIDBFPurification(BTIDBF):
         return [*super().figure_rows(name, images), (f"Ĝ({name})", purified, [f"f∘Ĝ: {int(p)}" for p in predictions])]
 
     def export(self, folder: Path) -> Path:
-        pipeline = Refine(self.victim, self.model.purifier, LabelPermutation(self.victim.num_classes, enabled=False))
+        pipeline = ReprogrammedClassifier(
+            self.victim, self.model.purifier, LabelPermutation(self.victim.num_classes, enabled=False)
+        )
         return save_defended(
             folder / "defended.safetensors",
             pipeline,
@@ -493,6 +497,8 @@ class BTIDBFUnlearning(BTIDBF):
     Args:
         defense_lr: the copy's Adam learning rate (official: 1e-4).
     """
+
+    model: Unlearning
 
     def __init__(self, victim: str, defense_lr: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(victim, defense_lr=defense_lr, **kwargs)

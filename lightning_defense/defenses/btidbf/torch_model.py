@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.defenses.components import TransformNet
 from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
 

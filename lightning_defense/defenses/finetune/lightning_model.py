@@ -27,6 +27,8 @@ class FineTune(DefenseModule):
         victim: path of the victim file.
     """
 
+    model: FineTuning
+
     def __init__(self, victim: str, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)
@@ -69,6 +71,8 @@ class FeatureShiftTune(FineTune):
     Args:
         shift_weight: alpha (official CIFAR-10 default 0.2).
     """
+
+    model: FeatureShiftTuning
 
     def __init__(self, victim: str, shift_weight: float = 0.2, **kwargs: Any) -> None:
         self.shift_weight = shift_weight

@@ -1,28 +1,51 @@
 """REFINE: input transformation + label permutation around a frozen victim."""
 
-from lightning_defense.callbacks import TransformGrid  # its home before BTI-DBF drew figures too
-from lightning_defense.defenses.refine.deploy import export_program, load_defended, save_defended
-from lightning_defense.defenses.refine.lightning_model import REFINE, BlackBoxREFINE
-from lightning_defense.defenses.refine.torch_model import (
-    LabelPermutation,
-    Refine,
-    TransformNet,
-    derangement,
-    supervised_contrastive_loss,
-    surrogate_loss,
-)
+import importlib
+import warnings
+from typing import TYPE_CHECKING
+
+from lightning_defense.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from lightning_defense.defenses.components import (
+        LabelPermutation,
+        TransformNet,
+        derangement,
+        export_program,
+        load_defended,
+        save_defended,
+    )
+    from lightning_defense.defenses.refine.lightning_model import REFINE, BlackBoxREFINE
+    from lightning_defense.defenses.refine.torch_model import RefineModel, supervised_contrastive_loss, surrogate_loss
 
 __all__ = [
     "REFINE",
     "BlackBoxREFINE",
-    "TransformGrid",
     "export_program",
     "load_defended",
     "save_defended",
     "LabelPermutation",
-    "Refine",
+    "RefineModel",
     "TransformNet",
     "derangement",
     "surrogate_loss",
     "supervised_contrastive_loss",
 ]
+
+_exports, __dir__ = lazy_exports(__name__, __file__)
+#: earlier names, kept for one release: where each object is now
+_MOVED = {
+    "Refine": "lightning_defense.defenses.refine.RefineModel",
+    "TransformGrid": "lightning_defense.callbacks.TransformGrid",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MOVED:
+        return _exports(name)
+    new_path = _MOVED[name]
+    warnings.warn(
+        f"{__name__}.{name} is now {new_path}; the old name goes in the next release.", FutureWarning, stacklevel=2
+    )
+    module, attribute = new_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), attribute)

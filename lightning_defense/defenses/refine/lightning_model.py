@@ -1,32 +1,21 @@
-"""REFINE's training step; the algorithm is in :mod:`.torch_model`."""
+"""REFINE's LightningModule; the algorithm is in :mod:`.torch_model`, the training step in
+:class:`~lightning_defense.defenses.reprogramming.ReprogrammingDefense`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_defense.callbacks import FigureRow, run_folder
-from lightning_defense.data.augmentation import BatchAugmentation
-from lightning_defense.defenses.base import DefenseModule
-from lightning_defense.defenses.refine.deploy import save_defended
-from lightning_defense.defenses.refine.torch_model import (
-    ClassificationLoss,
-    LabelPermutation,
-    Refine,
-    surrogate_loss,
-)
-from lightning_defense.defenses.transform_net import OutputActivation, TransformNet
-from lightning_defense.errors import ConfigurationError
-from lightning_defense.optim import sgd_multistep
-from lightning_defense.victims import Classifier, load_victim
+from lightning_defense.defenses.components import OutputActivation, TransformNet
+from lightning_defense.defenses.refine.torch_model import ClassificationLoss, surrogate_loss
+from lightning_defense.defenses.reprogramming import ReprogrammingDefense
+from lightning_defense.victims import Classifier
 
 
-class REFINE(DefenseModule):
+class REFINE(ReprogrammingDefense):
     """REFINE around the victim in ``victim`` (a victim file or Lightning checkpoint).
 
     The auxiliary data's labels are never used: the victim's predictions are the targets.
@@ -39,26 +28,25 @@ class REFINE(DefenseModule):
             (see :class:`TransformNet`).
         use_permutation: ``False`` is the "w/o HRF" ablation (M = identity).
         permutation_seed: draws the derangement M.
-        classification_loss: ``ce``, ``bce`` or ``soft`` (see :class:`Refine`).
+        classification_loss: ``ce``, ``bce`` or ``soft`` (see :class:`RefineModel`).
         contrastive_weight: lambda; 0 is the "w/o SCL" ablation.
         temperature: tau of the supervised contrastive loss.
         soft_label_temperature: softens the ``soft`` loss's distributions.
         encoder_head_weight: > 0 gives T an encoder head trained on the victim's answers (a
-            training aid, not in the paper; see :class:`Refine`).
+            training aid, not in the paper; see :class:`RefineModel`).
         labelled_augmentations: augmentations the victim labels, before T's training inputs are
-            drawn from the result (not in the paper; see :class:`Refine`), e.g.
+            drawn from the result (not in the paper; see :class:`RefineModel`), e.g.
             ``class_path: lightning_defense.data.ImageMixup``.
         augment: the recipe's augmentation of T's inputs, after the victim labelled the images
-            as they are (see :class:`Refine`); the data module must then serve them unaugmented.
+            as they are (see :class:`RefineModel`); the data module must then serve them unaugmented.
         corruptions: trigger-agnostic corruptions of T's inputs after the augmentation, against
-            the clean images' labels (not in the paper; see :class:`Refine`), e.g.
+            the clean images' labels (not in the paper; see :class:`RefineModel`), e.g.
             ``class_path: lightning_defense.data.RandomPatches``.
         consistency_weight: > 0 asks T to rewrite a corrupted image as it rewrites the clean one
-            (not in the paper; see :class:`Refine`).
+            (not in the paper; see :class:`RefineModel`).
+        lr, momentum, weight_decay, lr_milestones, lr_gamma: SGD with a step decay, when the config
+            names no optimizer.
     """
-
-    #: arguments a subclass with another T passes on unused: kept out of its hyperparameters
-    unused_hparams: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -85,65 +73,33 @@ class REFINE(DefenseModule):
         lr_milestones: Sequence[int] = (100, 130),
         lr_gamma: float = 0.8,
     ) -> None:
-        victim_model = load_victim(victim)
-        super().__init__(victim_model.num_classes)
-        # modules are not hyperparameters (a checkpoint's are read weights-only): the run's config records them
-        self.save_hyperparameters(ignore=[*self.unused_hparams, "labelled_augmentations", "corruptions"])
-        self.model = Refine(
-            victim_model,
-            self.build_transform_net(victim_model.num_classes),
-            LabelPermutation(victim_model.num_classes, permutation_seed, enabled=use_permutation),
+        super().__init__(
+            victim,
+            use_permutation=use_permutation,
+            permutation_seed=permutation_seed,
             classification_loss=classification_loss,
             contrastive_weight=contrastive_weight,
             temperature=temperature,
             soft_label_temperature=soft_label_temperature,
             encoder_head_weight=encoder_head_weight,
             labelled_augmentations=labelled_augmentations,
-            augmentation=BatchAugmentation() if augment else None,
+            augment=augment,
             corruptions=corruptions,
             consistency_weight=consistency_weight,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_milestones=lr_milestones,
+            lr_gamma=lr_gamma,
         )
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.hparams.augment and getattr(self.trainer.datamodule, "augmentation", None) is not None:
-            raise ConfigurationError(
-                "REFINE augments T's inputs itself, after the victim labelled the images as they are; an "
-                "augmenting data module would hand it augmented images to label (an augmentation can fire "
-                "a backdoor). Remove data.init_args.augmentation (or, to label augmented images on purpose, "
-                "model.init_args.augment: false)."
-            )
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, _ = batch  # auxiliary labels are never used
-        losses = self.model.loss(images, gather=self.gather_batch)
-        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
-        return losses["loss"]
-
-    def gather_batch(self, tensor: Tensor) -> Tensor:
-        """``tensor`` of every process, concatenated along the batch (with gradients); itself on one."""
-        if getattr(self._trainer, "world_size", 1) == 1:
-            return tensor
-        return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
-
-    def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
-        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's
-        predictions, and T(images) with the defended model's."""
-        transformed = self.model.transform_net(images).float()
-        victim, defended = self.victim(images).argmax(1), self(images).argmax(1)
-        return [
-            (name, images, [f"F: {int(p)}" for p in victim]),
-            (f"T({name})", transformed, [f"M∘F∘T: {int(p)}" for p in defended]),
-        ]
-
     def build_transform_net(self, num_classes: int) -> nn.Module:
-        """T: the UNet of the settings (subclasses put another transformation here)."""
+        """T: the UNet of the settings, with an encoder head where it is trained."""
         head_classes = num_classes if self.hparams.encoder_head_weight > 0 else 0
         return TransformNet(**self.transform_config(), encoder_head_classes=head_classes)
 
     def transform_config(self) -> dict[str, Any]:
-        """T's settings: what :class:`TransformNet` needs to be rebuilt from an export (without
-        the encoder head, which only training uses)."""
+        """T's settings without the encoder head, which only training uses."""
         hp = self.hparams
         return {
             "encoder_name": hp.encoder_name,
@@ -152,22 +108,6 @@ class REFINE(DefenseModule):
             "output_activation": hp.output_activation,
             "residual": hp.residual,
         }
-
-    def export(self, path: str | Path) -> Path:
-        """Write T and M (and a reference to the victim) for :func:`.deploy.load_defended`."""
-        return save_defended(path, self.model, self.hparams.victim, self.transform_config())
-
-    def on_train_end(self) -> None:
-        folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP
-        if self.trainer.is_global_zero:
-            path = self.export(folder / "defended.safetensors")
-            rank_zero_info(f"Defended model written to {path}")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        return sgd_multistep(
-            self.model.transform_net.parameters(), hp.lr, hp.momentum, hp.weight_decay, hp.lr_milestones, hp.lr_gamma
-        )
 
 
 class BlackBoxREFINE(REFINE):
@@ -194,8 +134,7 @@ class BlackBoxREFINE(REFINE):
         surrogate_lr: float = 0.1,
         **kwargs: Any,
     ) -> None:
-        super().__init__(victim, **kwargs)
-        self.save_hyperparameters()
+        super().__init__(victim, **kwargs)  # its hyperparameters include these arguments
         victim_model = self.model.victim
         self.surrogate = Classifier(
             surrogate_arch,

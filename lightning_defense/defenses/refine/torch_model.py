@@ -17,38 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_defense.defenses.transform_net import TransformNet
+from lightning_defense.defenses.components import LabelPermutation, ReprogrammedClassifier, TransformNet
 from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
 
 ClassificationLoss = Literal["ce", "bce", "soft"]
-
-
-def derangement(num_classes: int, seed: int) -> Tensor:
-    """A seeded permutation of ``range(num_classes)`` with no fixed point."""
-    if num_classes < 2:
-        raise ConfigurationError(f"A label permutation needs at least 2 classes, got {num_classes}.")
-    generator = torch.Generator().manual_seed(seed)
-    identity = torch.arange(num_classes)
-    while True:  # about e (2.72) draws on average
-        permutation = torch.randperm(num_classes, generator=generator)
-        if not (permutation == identity).any():
-            return permutation
-
-
-class LabelPermutation(nn.Module):
-    """M: output j of the defended model is the victim's output ``permutation[j]``.
-
-    The permutation is a buffer, so it is saved with the weights and restored on load.
-    """
-
-    def __init__(self, num_classes: int, seed: int = 0, enabled: bool = True) -> None:
-        super().__init__()
-        permutation = derangement(num_classes, seed) if enabled else torch.arange(num_classes)
-        self.register_buffer("permutation", permutation)
-
-    def forward(self, logits: Tensor) -> Tensor:
-        return logits[:, self.permutation]
 
 
 def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07) -> Tensor:
@@ -71,7 +44,7 @@ def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: f
     return -mean_log_prob.mean()
 
 
-class Refine(nn.Module):
+class RefineModel(ReprogrammedClassifier):
     """The defended model M(F(T(x))) and REFINE's training loss.
 
     Args:
@@ -129,7 +102,7 @@ class Refine(nn.Module):
         corruptions: Sequence[nn.Module] = (),
         consistency_weight: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(victim, transform_net, label_permutation)
         if classification_loss not in ("ce", "bce", "soft"):
             raise ConfigurationError(f"classification_loss must be 'ce', 'bce' or 'soft', got {classification_loss!r}.")
         for name, value in (("soft_label_temperature", soft_label_temperature), ("temperature", temperature)):
@@ -149,9 +122,6 @@ class Refine(nn.Module):
                 "T has an encoder head exactly when encoder_head_weight > 0: set the TransformNet's "
                 "encoder_head_classes to the class count with a positive weight, and to 0 without."
             )
-        self.victim = victim.freeze()
-        self.transform_net = transform_net
-        self.label_permutation = label_permutation
         self.classification_loss = classification_loss
         self.contrastive_weight = contrastive_weight
         self.temperature = temperature
@@ -167,13 +137,6 @@ class Refine(nn.Module):
         """F(x) on the untransformed images: the targets (pseudo-label ȳ = argmax); ground truth is
         never used."""
         return self.victim(images)
-
-    def behind_map(self, images: Tensor) -> Tensor:
-        """F(T(x)): the victim's logits on the transformed images, before the label map M."""
-        return self.victim(self.transform_net(images))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.label_permutation(self.behind_map(images))
 
     def loss(
         self,

@@ -21,6 +21,8 @@ class ShrinkPad(DefenseModule):
         shrink: pixels taken off each side length before padding back (the seeds' 4).
     """
 
+    model: ShrinkPadDefense
+
     def __init__(self, victim: str, shrink: int = 4) -> None:
         victim_model = load_victim(victim)
         super().__init__(victim_model.num_classes)

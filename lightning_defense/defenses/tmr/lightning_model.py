@@ -1,4 +1,4 @@
-"""T-MR: REFINE's training step around a learned border instead of a UNet (REFINE paper, appendix D.6)."""
+"""T-MR: REFINE's loss around a learned border instead of a UNet (REFINE paper, appendix D.6)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Any
 
 from torch import nn
 
-from lightning_defense.defenses.refine.lightning_model import REFINE
+from lightning_defense.defenses.components import BorderPerturbation
 from lightning_defense.defenses.refine.torch_model import ClassificationLoss
-from lightning_defense.defenses.transform_net import BorderPerturbation
+from lightning_defense.defenses.reprogramming import ReprogrammingDefense
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import read_victim_metadata
 
 
-class TMR(REFINE):
+class TMR(ReprogrammingDefense):
     """Traditional model reprogramming: T is a :class:`BorderPerturbation` (the image shrunk by
     ``border`` pixels a side inside one learned frame), M and the loss are REFINE's. The
     auxiliary data's labels are never used. The supervised contrastive term is off by default: it
@@ -26,17 +26,8 @@ class TMR(REFINE):
             size the victim file records.
         border: width of the learned frame in pixels.
 
-    The other arguments are :class:`REFINE`'s.
+    The other arguments are :class:`~lightning_defense.defenses.REFINE`'s.
     """
-
-    unused_hparams = (
-        "encoder_name",
-        "encoder_depth",
-        "decoder_channels",
-        "output_activation",
-        "residual",
-        "encoder_head_weight",
-    )
 
     def __init__(
         self,

@@ -1,6 +1,7 @@
-"""A trained REFINE defense as one weights-only file, and its loader for inference.
+"""A reprogrammed victim M(F(T(x))) (REFINE, T-MR, BTI-DBF (P)) as one weights-only file, and
+its loader for inference.
 
-    from lightning_defense.defenses.refine.deploy import load_defended
+    from lightning_defense.defenses import load_defended
     model = load_defended("runs/refine/version_0/defended.safetensors")
     predictions = model(images).argmax(1)      # images: float NCHW in [0, 1]
 
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_defense.defenses.refine.torch_model import LabelPermutation, Refine
-from lightning_defense.defenses.transform_net import BorderPerturbation, TransformNet
+from lightning_defense.defenses.components.label_permutation import LabelPermutation
+from lightning_defense.defenses.components.reprogramming import ReprogrammedClassifier
+from lightning_defense.defenses.components.transform_net import BorderPerturbation, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.safetensors_io import (
     NETWORK_SETTING_LIMIT,
@@ -29,11 +31,13 @@ from lightning_defense.safetensors_io import (
 from lightning_defense.shipped import resolve
 from lightning_defense.victims import load_victim
 
-FORMAT = "lightning-defense-refine/1"
+FORMAT = "lightning-defense-refine/1"  # REFINE's first: kept, so that every export stays readable
 TRANSFORMS = {"TransformNet": TransformNet, "BorderPerturbation": BorderPerturbation}
 
 
-def save_defended(path: str | Path, model: Refine, victim_path: str | Path, transform_config: dict) -> Path:
+def save_defended(
+    path: str | Path, model: ReprogrammedClassifier, victim_path: str | Path, transform_config: dict
+) -> Path:
     """Write T and M of ``model`` with a reference to the victim file, atomically."""
     tensors = {f"transform_net.{k}": v for k, v in model.transform_net.inference_state_dict().items()}
     tensors["label_permutation.permutation"] = model.label_permutation.permutation
@@ -47,7 +51,7 @@ def save_defended(path: str | Path, model: Refine, victim_path: str | Path, tran
     return write_safetensors(path, tensors, metadata)
 
 
-def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Refine:
+def load_defended(path: str | Path, victim_path: str | Path | None = None) -> ReprogrammedClassifier:
     """Load M(F(T(x))) for inference (eval mode). ``victim_path`` overrides the stored reference,
     e.g. after moving files; the victim must still match the stored SHA-256."""
     path = Path(path)
@@ -55,7 +59,9 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
         raise InputNotFoundError(f"Defended model {str(path)!r} does not exist.")
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
-        raise ConfigurationError(f"{str(path)!r} is not a REFINE export (format {metadata.get('format')!r}).")
+        raise ConfigurationError(
+            f"{str(path)!r} is not an export of a defended model (format {metadata.get('format')!r})."
+        )
     victim_path = resolve(victim_path or metadata["victim_path"])
     if not victim_path.is_file():
         raise InputNotFoundError(
@@ -81,10 +87,10 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
     transform_net.load_state_dict({k.removeprefix("transform_net."): v for k, v in tensors.items()})
     label_permutation = LabelPermutation(len(permutation))
     label_permutation.permutation.copy_(permutation)
-    return Refine(victim, transform_net, label_permutation).eval()
+    return ReprogrammedClassifier(victim, transform_net, label_permutation).eval()
 
 
-def export_program(model: Refine, path: str | Path, image_size: tuple[int, int] = (32, 32)) -> Path:
+def export_program(model: ReprogrammedClassifier, path: str | Path, image_size: tuple[int, int] = (32, 32)) -> Path:
     """M(F(T(x))) as one ``torch.export`` program (``.pt2``, any batch size) for runtimes without
     this package: ``torch.export.load(path).module()(images)``. Unlike the safetensors export it
     embeds the victim's weights, so it is yours to keep, not to share as the victim's owner's."""

@@ -35,7 +35,7 @@ class TransformNet(nn.Module):
             identity. ``False`` keeps smp's random last layer: a small random change, for losses
             whose gradient vanishes at the identity (BTI-DBF's backdoor generator).
         encoder_head_classes: > 0 adds smp's classification head (average pooling, linear) on
-            the deepest encoder stage, for :class:`Refine`'s encoder loss. It only helps training:
+            the deepest encoder stage, for REFINE's encoder loss. It only helps training:
             the defended model never uses it and :meth:`inference_state_dict` leaves it out.
     """
 

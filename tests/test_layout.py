@@ -1,0 +1,103 @@
+"""The package's layout rules: the plain-torch algorithm files load no Lightning, victims never
+import defenses, and the lazy package namespaces export what their imports say."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_defense"
+LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def loaded_lightning(module: str) -> list[str]:
+    """The Lightning modules a fresh interpreter holds after importing ``module``."""
+    code = f"import sys, {module}; print(*sorted(m for m in sys.modules if m.split('.')[0] in {LIGHTNING!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+PLAIN = [
+    module_name(path)
+    for path in [*PACKAGE.rglob("torch_model.py"), PACKAGE / "defenses" / "components" / "__init__.py"]
+]
+
+
+@pytest.mark.parametrize("module", PLAIN)
+def test_the_plain_torch_algorithm_files_load_no_lightning(module):
+    assert loaded_lightning(module) == []
+
+
+def test_the_lightning_check_would_see_lightning():  # the positive control
+    assert "lightning" in loaded_lightning("lightning_defense.defenses.refine.lightning_model")
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = module_name(path).rsplit(".", node.level)[0] if node.level else ""
+            names.add(f"{base}.{node.module}" if node.level else node.module)
+    return names
+
+
+def test_victims_never_import_defenses():
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            m for m in imported_modules(path) if m.startswith("lightning_defense.defenses")
+        )
+        for path in (PACKAGE / "victims").rglob("*.py")
+    }
+    assert {path: modules for path, modules in offenders.items() if modules} == {}
+
+
+@pytest.mark.parametrize(
+    "package",
+    sorted(
+        {
+            module_name(path.parent / "__init__.py")
+            for path in PACKAGE.rglob("__init__.py")
+            if "lazy_exports" in path.read_text()
+        }
+    ),
+)
+def test_every_lazy_export_is_listed_and_loads(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    tree = ast.parse(Path(module.__file__).read_text())
+    declared = {
+        alias.asname or alias.name
+        for node in tree.body
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+        for statement in node.body
+        if isinstance(statement, ast.ImportFrom)
+        for alias in statement.names
+    }
+    assert declared and set(module.__all__) <= declared | set(vars(module))
+    for name in sorted(declared):
+        assert getattr(module, name) is not None
+    with pytest.raises(AttributeError):
+        module.NoSuchName  # noqa: B018
+
+
+def test_the_earlier_names_still_work_for_a_release_and_say_where_things_went():
+    from lightning_defense.callbacks import TransformGrid
+    from lightning_defense.defenses import refine
+    from lightning_defense.defenses.refine.torch_model import RefineModel
+
+    with pytest.warns(FutureWarning, match="RefineModel"):
+        assert refine.Refine is RefineModel
+    with pytest.warns(FutureWarning, match="lightning_defense.callbacks.TransformGrid"):
+        assert refine.TransformGrid is TransformGrid
