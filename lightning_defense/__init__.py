@@ -9,17 +9,19 @@ if TYPE_CHECKING:
     from lightning_defense.callbacks import EpochSummary, PredictionWriter
     from lightning_defense.defenses import REFINE
     from lightning_defense.trainer import DefenseTrainer
-    from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer
-    from lightning_defense.victims.lightning_model import VictimTrainer
+    from lightning_defense.victims.input_aware_trainer import InputAwareVictimTask
+    from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer as InputAwareVictimTrainer
+    from lightning_defense.victims.lightning_model import VictimTask
+    from lightning_defense.victims.lightning_model import VictimTrainer as VictimTrainer  # earlier names
 
 __version__ = "0.1.0"
 __all__ = [
     "REFINE",
     "DefenseTrainer",
     "EpochSummary",
-    "InputAwareVictimTrainer",
+    "InputAwareVictimTask",
     "PredictionWriter",
-    "VictimTrainer",
+    "VictimTask",
     "callbacks",
     "attacks",
     "data",

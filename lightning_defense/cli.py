@@ -448,7 +448,7 @@ def _user_error(err: BaseException | None) -> UserInputError | None:
 
 DESCRIPTION = (
     "lightning-defense: defend image classifiers against backdoors. Lightning's subcommands train a victim "
-    "(VictimTrainer) or a defense on a frozen victim (REFINE, BTI-DBF, FT/FST, T-MR; BDMAE and ShrinkPad "
+    "(VictimTask) or a defense on a frozen victim (REFINE, BTI-DBF, FT/FST, T-MR; BDMAE and ShrinkPad "
     "with validate/test) from YAML configs, e.g. `lightning fit --config configs/refine.yaml`."
 )
 EPILOG = (

@@ -21,7 +21,7 @@ ONE_ROUND = {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epoc
 
 
 def bdmae(victim: str) -> BDMAE:
-    """BDMAE with an untrained MAE made, as MAETrainer does, for the victim's size."""
+    """BDMAE with an untrained MAE made, as MAETask does, for the victim's size."""
     size = read_victim_metadata(victim).input_size[0]
     mae = MaskedAutoencoder(size, default_patch_size(size), embed_dim=32, depth=1, num_heads=2)
     path = save_mae(Path(victim).with_name("mae.safetensors"), mae)

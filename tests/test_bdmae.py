@@ -256,13 +256,13 @@ def test_the_mae_trainer_builds_its_mae_for_the_data_and_bdmae_warns_on_another_
     from lightning import Trainer
 
     from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
-    from lightning_defense.defenses import MAETrainer
+    from lightning_defense.defenses import MAETask
 
     def data(size: int) -> DefenseDataModule:
         source = SyntheticDataModule(train_per_class=1, test_per_class=1, image_size=(size, size), reserved_fraction=0)
         return DefenseDataModule(source, SeenData(), batch_size=4)
 
-    def fit(model: MAETrainer, size: int) -> None:
+    def fit(model: MAETask, size: int) -> None:
         options = {"logger": False, "enable_progress_bar": False, "enable_checkpointing": False}
         trainer = Trainer(
             max_epochs=1, limit_train_batches=1, limit_val_batches=1, default_root_dir=tmp_path, **options
@@ -270,11 +270,11 @@ def test_the_mae_trainer_builds_its_mae_for_the_data_and_bdmae_warns_on_another_
         trainer.fit(model, datamodule=data(size))
 
     small = {"embed_dim": 32, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1}
-    model = MAETrainer(**small)
+    model = MAETask(**small)
     fit(model, 64)
     assert model.mae.image_size == 64 and model.mae.grid_size == (8, 8)  # 8-pixel tokens at 64
     with pytest.raises(ConfigurationError, match="works on 32x32 images but .* serves 64x64"):
-        fit(MAETrainer(image_size=32, **small), 64)
+        fit(MAETask(image_size=32, **small), 64)
     # a 32x32 MAE on 64x64 data runs (resized) but says so
     mae_path = save_mae(tmp_path / "mae32.safetensors", tiny_mae())
     bdmae = BDMAE(str(VICTIM), str(mae_path))

@@ -31,7 +31,7 @@ def tiny_config(tmp_path: Path, **data_overrides) -> Path:
     } | data_overrides
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20", "num_classes": 10}},
+        "model": {"class_path": "VictimTask", "init_args": {"arch": "resnet20", "num_classes": 10}},
         "data": {"class_path": "SyntheticDataModule", "init_args": data},
         "trainer": {
             "max_epochs": 1,

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.trust_boundary
 def tiny_config(tmp_path: Path, **model_args) -> Path:
     config = {
         "seed_everything": 0,
-        "model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20", "num_classes": 10, **model_args}},
+        "model": {"class_path": "VictimTask", "init_args": {"arch": "resnet20", "num_classes": 10, **model_args}},
         "data": {
             "class_path": "SyntheticDataModule",
             "init_args": {

@@ -14,7 +14,7 @@ from lightning_defense import hardware
 from lightning_defense.cli import build_cli
 from lightning_defense.defenses import REFINE
 from lightning_defense.trainer import DefenseTrainer
-from lightning_defense.victims.lightning_model import VictimTrainer
+from lightning_defense.victims.lightning_model import VictimTask
 
 VICTIM = str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10_resnet20_badnets.safetensors")
 
@@ -131,8 +131,8 @@ def test_modules_take_the_layout_of_the_trainer(channels_last, tmp_path):
         enable_checkpointing=False,
         default_root_dir=tmp_path,
     )
-    defense, victim = REFINE(VICTIM, encoder_name="resnet18", encoder_depth=2, decoder_channels=(8, 4)), VictimTrainer()
-    forced = VictimTrainer(channels_last=not channels_last)  # a module's own setting wins (older configs name it)
+    defense, victim = REFINE(VICTIM, encoder_name="resnet18", encoder_depth=2, decoder_channels=(8, 4)), VictimTask()
+    forced = VictimTask(channels_last=not channels_last)  # a module's own setting wins (older configs name it)
     for module in (defense, victim, forced):
         module.trainer = trainer
         trainer.strategy.connect(module)

@@ -122,7 +122,7 @@ def test_settings_that_cannot_work_are_refused():
         InputAware(poison_rate=0.6, cross_rate=0.5)
     with pytest.raises(ConfigurationError, match="SHA-256"):
         InputAware(generators_file="generators.safetensors")
-    with pytest.raises(ConfigurationError, match="InputAwareVictimTrainer"):
+    with pytest.raises(ConfigurationError, match="InputAwareVictimTask"):
         InputAware().poison_training_set(to_uint8(random_images(4)), torch.arange(4), 10)
     with pytest.raises(ConfigurationError, match="generators.safetensors"):
         InputAware().apply(random_images(2))
@@ -134,7 +134,7 @@ def iad_config(tmp_path: Path, **data_overrides) -> Path:
     path = tiny_config(tmp_path, **({"attack": None} | data_overrides))
     config = yaml.safe_load(path.read_text())
     settings = {"target": 1, "poison_rate": 0.2, "cross_rate": 0.2, "mask_epochs": 1, "generator_width": 8}
-    config["model"] = {"class_path": "InputAwareVictimTrainer", "init_args": {"num_classes": 10, **settings}}
+    config["model"] = {"class_path": "InputAwareVictimTask", "init_args": {"num_classes": 10, **settings}}
     config["trainer"]["max_epochs"] = 2  # one epoch of each phase
     path.write_text(yaml.safe_dump(config))
     return path

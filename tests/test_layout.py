@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_defense"
 LIGHTNING = ("lightning", "pytorch_lightning", "lightning_fabric")
@@ -101,3 +102,34 @@ def test_the_earlier_names_still_work_for_a_release_and_say_where_things_went():
         assert refine.Refine is RefineModel
     with pytest.warns(FutureWarning, match="lightning_defense.callbacks.TransformGrid"):
         assert refine.TransformGrid is TransformGrid
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "init_args"),
+    [
+        ("VictimTrainer", "VictimTask", {"arch": "resnet20", "lr": 0.05}),
+        ("InputAwareVictimTrainer", "InputAwareVictimTask", {"arch": "resnet20", "lr": 0.05}),
+        ("MAETrainer", "MAETask", {"lr": 0.05}),
+    ],
+)
+def test_the_earlier_lightning_module_names_build_the_new_classes_with_a_warning(
+    old, new, init_args, tmp_path, capsys, monkeypatch
+):
+    import lightning_defense
+    from lightning_defense import defenses
+
+    package = defenses if old == "MAETrainer" else lightning_defense
+    old_class, new_class = getattr(package, old), getattr(package, new)
+    assert issubclass(old_class, new_class)
+    with pytest.warns(FutureWarning, match=f"{old} is now {new}"):
+        module = old_class(**init_args)
+    assert module.hparams.lr == 0.05
+    # a config naming the old class still parses, its arguments those of the new one
+    from lightning_defense.cli import main
+
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({"model": {"class_path": old, "init_args": init_args}}))
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "old.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].endswith(old) and printed["model"]["init_args"]["lr"] == 0.05

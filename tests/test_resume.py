@@ -23,7 +23,7 @@ SOURCE = {"class_path": "SyntheticDataModule", "init_args": {"train_per_class": 
 
 def victim_trainer(tmp_path: Path) -> dict:
     source = {**SOURCE, "init_args": {**SOURCE["init_args"], "batch_size": 16, "attack": BadNets(target=1).config()}}
-    return {"model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20", "lr": 0.05}}, "data": source}
+    return {"model": {"class_path": "VictimTask", "init_args": {"arch": "resnet20", "lr": 0.05}}, "data": source}
 
 
 def refine(tmp_path: Path) -> dict:

@@ -282,7 +282,7 @@ def test_a_checkpoint_with_nan_weights_or_no_state_dict_is_refused(tmp_path):
     )
     untrained = lightning("validate", "--config", config, cwd=tmp_path)
     ran(untrained)
-    assert "without --ckpt_path evaluates VictimTrainer as built" in untrained.stderr
+    assert "without --ckpt_path evaluates VictimTask as built" in untrained.stderr
 
 
 def test_a_victim_file_with_nan_weights_is_refused(tmp_path):

@@ -139,7 +139,7 @@ def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_
     source = {"class_path": "SyntheticDataModule", "init_args": {"train_per_class": 8, "test_per_class": 2}}
     source["init_args"] |= {"batch_size": 16, "attack": BadNets(target=1).config()}
     config = {
-        "model": {"class_path": "VictimTrainer", "init_args": {"arch": "resnet20"}},
+        "model": {"class_path": "VictimTask", "init_args": {"arch": "resnet20"}},
         "data": source,
         "trainer": {"enable_progress_bar": False, "enable_model_summary": False},
     }

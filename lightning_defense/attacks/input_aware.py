@@ -2,7 +2,7 @@
 trigger, made by a trigger generator and a mask generator that are trained with the classifier.
 
 Unlike the other attacks, IAD is no fixed poisoned data set: the generators are trained together
-with the victim by :class:`~lightning_defense.victims.input_aware_trainer.InputAwareVictimTrainer`,
+with the victim by :class:`~lightning_defense.victims.input_aware_trainer.InputAwareVictimTask`,
 which poisons each training batch with :meth:`InputAware.poison_training_batch` and writes the
 trained generators as a weights file next to the victim. The victim file's attack is then
 ``InputAware(generators_file=<that file>, generators_sha256=<its hash>)``, which poisons test images
@@ -261,7 +261,7 @@ class InputAware(Attack):
 
     A trigger generator and a mask generator (:class:`InputAwareGenerators`) turn every image x
     into its own poisoned image ``x + M(x) * (G(x) - x)``. They are trained with the victim by
-    ``InputAwareVictimTrainer``, which poisons training batches with
+    ``InputAwareVictimTask``, which poisons training batches with
     :meth:`poison_training_batch`; this attack then poisons test images with the trained
     generators read from ``generators_file`` (checked against ``generators_sha256`` first: the path
     comes from a victim file, which is untrusted). Defaults follow the official ``config.py``:
@@ -325,7 +325,7 @@ class InputAware(Attack):
         if self.generators_file is None or self.generators_sha256 is None:
             raise ConfigurationError(
                 "InputAware poisons images with generators trained together with the victim, and `generators_file` "
-                "is not set: use the victim.safetensors that InputAwareVictimTrainer writes at the end of "
+                "is not set: use the victim.safetensors that InputAwareVictimTask writes at the end of "
                 "training (its attack names the generators file), or set generators_file and generators_sha256 to "
                 "that run's generators.safetensors."
             )
@@ -346,7 +346,7 @@ class InputAware(Attack):
     def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
         raise ConfigurationError(
             "IAD poisons while the victim trains (its generators learn with the classifier), not a data set "
-            "beforehand: train with `model: class_path: InputAwareVictimTrainer` and `data.init_args.attack: null` "
+            "beforehand: train with `model: class_path: InputAwareVictimTask` and `data.init_args.attack: null` "
             "(see configs/victims/cifar10_iad.yaml)."
         )
 

@@ -6,7 +6,8 @@ from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lightning_defense.defenses.base import DefenseModule
-    from lightning_defense.defenses.bdmae import BDMAE, MAETrainer
+    from lightning_defense.defenses.bdmae import BDMAE, MAETask
+    from lightning_defense.defenses.bdmae import MAETrainer as MAETrainer  # its earlier name
     from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
     from lightning_defense.defenses.components import export_program, load_defended
     from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
@@ -23,7 +24,7 @@ __all__ = [
     "DefenseModule",
     "FeatureShiftTune",
     "FineTune",
-    "MAETrainer",
+    "MAETask",
     "ShrinkPad",
     "TMR",
     "export_program",

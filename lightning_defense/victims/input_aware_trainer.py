@@ -24,11 +24,12 @@ from lightning_defense.attacks.input_aware import (
 )
 from lightning_defense.callbacks import run_folder
 from lightning_defense.data.datamodules import served_image_size
+from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.optim import sgd_multistep
 from lightning_defense.safetensors_io import sha256
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
-from lightning_defense.victims.lightning_model import VictimTrainer
+from lightning_defense.victims.lightning_model import VictimTask
 
 
 def adam_multistep(
@@ -40,7 +41,7 @@ def adam_multistep(
     return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-class InputAwareVictimTrainer(VictimTrainer):
+class InputAwareVictimTask(VictimTask):
     """Trains an IAD victim (Nguyen & Tran, NeurIPS 2020) as the authors' ``train.py`` does: the
     mask generator alone for ``mask_epochs`` epochs (norm loss toward ``mask_density`` plus the
     diversity loss), then, with the mask generator frozen, the classifier and the trigger
@@ -52,7 +53,7 @@ class InputAwareVictimTrainer(VictimTrainer):
     The DataModule serves clean data (``attack: null``). ``trainer.max_epochs`` counts both
     phases, so the backdoor phase has ``max_epochs - mask_epochs`` epochs; learning-rate
     milestones count the epochs of their own phase. Each part has its own optimizer (manual
-    optimization): the classifier SGD with :class:`VictimTrainer`'s recipe (``lr``,
+    optimization): the classifier SGD with :class:`VictimTask`'s recipe (``lr``,
     ``momentum``, ``weight_decay``, ``lr_milestones``, ``lr_gamma``; a config's
     ``optimizer:``/``lr_scheduler:`` sections are refused, they would also train the
     generators), each generator Adam with a multi-step decay. The generators are submodules,
@@ -87,7 +88,7 @@ class InputAwareVictimTrainer(VictimTrainer):
             CIFAR-10 network: 32, 3).
         generators_name: file name of the generators in the run folder.
 
-    The classifier's arguments are :class:`VictimTrainer`'s (the official classifier recipe is
+    The classifier's arguments are :class:`VictimTask`'s (the official classifier recipe is
     SGD ``lr_C`` 0.01, milestones 100, 200, 300, 400 of 600 epochs).
     """
 
@@ -169,7 +170,7 @@ class InputAwareVictimTrainer(VictimTrainer):
             self.generators.to(memory_format=torch.channels_last)
         if "configure_optimizers" in vars(self):  # LightningCLI patches it in for an `optimizer:` section
             raise ConfigurationError(
-                "InputAwareVictimTrainer trains the classifier and each generator with its own optimizer: remove the "
+                "InputAwareVictimTask trains the classifier and each generator with its own optimizer: remove the "
                 "`optimizer:`/`lr_scheduler:` sections of the config and set model.init_args.lr, momentum, "
                 "weight_decay, lr_milestones, lr_gamma (classifier), generator_lr and mask_lr instead."
             )
@@ -313,3 +314,11 @@ class InputAwareVictimTrainer(VictimTrainer):
             self.attack_config = attack.config()
             rank_zero_info(f"IAD generators written to {attack.generators_file}")
         super().on_train_end()
+
+
+class InputAwareVictimTrainer(InputAwareVictimTask):
+    """The earlier name of :class:`InputAwareVictimTask` (configs naming it keep working for one release)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        warn_renamed("InputAwareVictimTrainer", "InputAwareVictimTask")
+        super().__init__(**kwargs)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_defense.callbacks import run_folder
 from lightning_defense.data.datamodules import served_image_size
+from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError, check_class_count, check_image_size
 from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
 from lightning_defense.hardware import uses_channels_last
@@ -23,7 +24,7 @@ from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Clas
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
 
 
-class VictimTrainer(LightningModule):
+class VictimTask(LightningModule):
     """Trains a classifier on the DataModule's (poisoned) training set; logs BA and ASR.
 
     The default optimizer is the seeds' recipe: SGD with momentum and weight decay and a
@@ -160,3 +161,11 @@ class VictimTrainer(LightningModule):
             f"{LABELS[name]} {float(metrics[f'val/{name}']):.2%}" for name in REPORTED if f"val/{name}" in metrics
         )
         rank_zero_info(f"Victim written to {path}" + (f" ({summary} on the last validation)" if summary else ""))
+
+
+class VictimTrainer(VictimTask):
+    """The earlier name of :class:`VictimTask` (configs naming it keep working for one release)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        warn_renamed("VictimTrainer", "VictimTask")
+        super().__init__(**kwargs)

@@ -3,7 +3,7 @@
 A victim file is a safetensors file whose metadata holds the architecture, class count,
 normalization, and the attack and data settings that trained it, so a defense can rebuild the
 poisoned test set from the file alone. :func:`load_victim` also reads a Lightning checkpoint of
-:class:`~lightning_defense.victims.VictimTrainer` and a bare state dict from a third party, both
+:class:`~lightning_defense.victims.VictimTask` and a bare state dict from a third party, both
 through ``torch.load(weights_only=True)``, which refuses anything that would run code.
 """
 
@@ -163,7 +163,7 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], VictimMetadata | N
         metadata = VictimMetadata.from_strings(strings, repr(str(path))) if strings.get("format") == FORMAT else None
         return weights, metadata
     obj = load_weights(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTrainer
+    if isinstance(obj, Mapping) and "state_dict" in obj:  # a Lightning checkpoint of VictimTask
         prefix = "classifier."
         state = obj["state_dict"] if is_state_dict(obj["state_dict"]) else _no_state_dict(path)
         weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -182,7 +182,7 @@ def is_state_dict(obj: object) -> bool:
 def _no_state_dict(path: Path) -> NoReturn:
     raise UntrustedCheckpointError(
         f"{str(path)!r} holds no state dict (names to tensors); expected a safetensors file, a Lightning "
-        "checkpoint of VictimTrainer, or `torch.save(model.state_dict(), path)`."
+        "checkpoint of VictimTask, or `torch.save(model.state_dict(), path)`."
     )
 
 

@@ -5,7 +5,8 @@ from typing import TYPE_CHECKING
 from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from lightning_defense.defenses.bdmae.lightning_model import BDMAE, MAETrainer
+    from lightning_defense.defenses.bdmae.lightning_model import BDMAE, MAETask
+    from lightning_defense.defenses.bdmae.lightning_model import MAETrainer as MAETrainer  # its earlier name
     from lightning_defense.defenses.bdmae.mae import MaskedAutoencoder, load_mae, save_mae
     from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense, HardLabelOracle, PurifiedBatch
 
@@ -13,7 +14,7 @@ __all__ = [
     "BDMAE",
     "BDMAEDefense",
     "HardLabelOracle",
-    "MAETrainer",
+    "MAETask",
     "MaskedAutoencoder",
     "PurifiedBatch",
     "load_mae",

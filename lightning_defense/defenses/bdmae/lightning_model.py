@@ -1,4 +1,4 @@
-"""BDMAE's two LightningModules: :class:`MAETrainer` trains the masked autoencoder on unlabeled
+"""BDMAE's two LightningModules: :class:`MAETask` trains the masked autoencoder on unlabeled
 images, :class:`BDMAE` defends a victim with it at test time (``lightning validate``/``test``/
 ``predict``). The algorithm is in :mod:`.torch_model`, the MAE in :mod:`.mae`."""
 
@@ -28,11 +28,12 @@ from lightning_defense.defenses.bdmae.mae import (
     token_mask_to_pixels,
 )
 from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense
+from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import CIFAR10_MEAN, CIFAR10_STD, Classifier, load_victim
 
 
-class MAETrainer(LightningModule):
+class MAETask(LightningModule):
     """Trains a :class:`~lightning_defense.defenses.bdmae.mae.MaskedAutoencoder` on the training
     images of any DataModule; labels are never read. Validation and test measure the
     reconstruction of the masked tokens on the clean test set (loader 0; a poisoned loader is
@@ -181,6 +182,14 @@ class MAETrainer(LightningModule):
         rank_zero_info(f"MAE written to {path}{quality}")
 
 
+class MAETrainer(MAETask):
+    """The earlier name of :class:`MAETask` (configs naming it keep working for one release)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        warn_renamed("MAETrainer", "MAETask")
+        super().__init__(**kwargs)
+
+
 class BDMAE(DefenseModule):
     """BDMAE around the victim in ``victim``, restoring with the MAE in ``mae``: BA and ASR of
     victim(purified x) beside the victim's own. Nothing is trained: run it with
@@ -190,7 +199,7 @@ class BDMAE(DefenseModule):
 
     Args:
         victim: path of the victim file.
-        mae: path of the MAE: a ``mae.safetensors`` written by :class:`MAETrainer`
+        mae: path of the MAE: a ``mae.safetensors`` written by :class:`MAETask`
             (``configs/bdmae/mae.yaml``), or an official MAE checkpoint with its decoder (see
             :mod:`lightning_defense.defenses.bdmae.mae`).
 

@@ -1,9 +1,9 @@
 """REFINE: input transformation + label permutation around a frozen victim."""
 
 import importlib
-import warnings
 from typing import TYPE_CHECKING
 
+from lightning_defense.deprecation import warn_renamed
 from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -44,8 +44,6 @@ def __getattr__(name: str) -> object:
     if name not in _MOVED:
         return _exports(name)
     new_path = _MOVED[name]
-    warnings.warn(
-        f"{__name__}.{name} is now {new_path}; the old name goes in the next release.", FutureWarning, stacklevel=2
-    )
+    warn_renamed(f"{__name__}.{name}", new_path)
     module, attribute = new_path.rsplit(".", 1)
     return getattr(importlib.import_module(module), attribute)
