@@ -430,3 +430,41 @@ def test_the_shipped_configs_run_end_to_end_in_short(tmp_path, config):
     assert (run / exported).is_file()
     phase_seconds = json.loads((run / "phase_seconds.json").read_text())
     assert set(phase_seconds) == {"mask", "generator", "detect", "defense"} and min(phase_seconds.values()) > 0
+
+
+def test_inversion_metrics_on_a_hand_made_batch():
+    from lightning_defense.defenses.btidbf.inversion_metrics import InversionMetrics
+
+    metrics = InversionMetrics("val")
+    agree, disagree = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    victim = agree.repeat(4, 1)
+    # clean: 2 of 4 flagged (false positives); poisoned: 3 of 4 flagged (true positives), 1 missed
+    metrics.update_detection(torch.cat([disagree, disagree, agree, agree]), victim, poisoned=False)
+    metrics.update_detection(torch.cat([disagree, disagree, disagree, agree]), victim, poisoned=True)
+
+    class Identity(torch.nn.Module):  # features(x) = x, so distances are pixel distances
+        def features(self, images):
+            return images
+
+    class Shift:  # the real trigger adds 0.2 to every pixel of every image
+        def poisoned_test_images(self, labels):
+            return torch.ones_like(labels, dtype=torch.bool)
+
+        def apply(self, images):
+            return images + 0.2
+
+    images = torch.rand(3, 3, 4, 4)
+    metrics.update_trigger(Identity(), lambda x: x + 0.1, Shift(), images, torch.zeros(3, dtype=torch.long))
+    values = {k: float(v) for k, v in metrics.compute_and_reset(with_trigger=True).items()}
+    assert values["val/detection_precision"] == pytest.approx(3 / 5)
+    assert values["val/detection_recall"] == pytest.approx(3 / 4)
+    assert values["val/detection_f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert values["val/generated_feature_distance"] == pytest.approx(0.01, rel=1e-4)  # G(x) - (x + 0.2) = -0.1
+    assert values["val/trigger_feature_distance"] == pytest.approx(0.04, rel=1e-4)
+    assert values["val/generated_trigger_cosine"] == pytest.approx(1.0)  # G shifts the features as the trigger does
+    # reset: without an attack only the detection metrics are reported
+    assert set(metrics.compute_and_reset(with_trigger=False)) == {
+        "val/detection_precision",
+        "val/detection_recall",
+        "val/detection_f1",
+    }

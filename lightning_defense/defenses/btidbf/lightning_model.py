@@ -14,12 +14,11 @@ from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import BinaryF1Score, BinaryPrecision, BinaryRecall
 
 from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
+from lightning_defense.defenses.btidbf.inversion_metrics import InversionMetrics
 from lightning_defense.defenses.btidbf.torch_model import (
     Phase,
     Purification,
@@ -137,15 +136,7 @@ class BTIDBF(DefenseModule):
         # not a buffer: DDP broadcasts buffers from rank 0 before every step, which would overwrite
         # the other ranks' counts; it travels in the checkpoint through on_save_checkpoint instead
         self.target_votes = torch.zeros(victim_model.num_classes, dtype=torch.long)
-        for stage in ("val", "test"):
-            detection = MetricCollection(
-                {"precision": BinaryPrecision(), "recall": BinaryRecall(), "f1": BinaryF1Score()},
-                prefix=f"{stage}/detection_",
-            )
-            setattr(self, f"{stage}_detection", detection)
-            setattr(self, f"{stage}_generated_distance", MeanMetric())
-            setattr(self, f"{stage}_trigger_distance", MeanMetric())
-            setattr(self, f"{stage}_trigger_cosine", MeanMetric())
+        self.val_inversion, self.test_inversion = InversionMetrics("val"), InversionMetrics("test")
         self.phase_seconds: dict[str, float] = {}
 
     def build(self, victim: Classifier, generator: TransformNet, settings: dict[str, Any]) -> TriggerInversion:
@@ -379,23 +370,11 @@ class BTIDBF(DefenseModule):
 
     def _evaluate_btidbf(self, batch: tuple[Tensor, Tensor], dataloader_idx: int, stage: str) -> None:
         defended, victim = self._evaluate(batch, dataloader_idx, stage)
-        flagged = defended.argmax(dim=1) != victim.argmax(dim=1)
-        getattr(self, f"{stage}_detection").update(flagged, torch.full_like(flagged, dataloader_idx == 1))
+        metrics: InversionMetrics = getattr(self, f"{stage}_inversion")
+        metrics.update_detection(defended, victim, poisoned=dataloader_idx == 1)
         attack = getattr(self.trainer.datamodule, "attack", None)
-        if dataloader_idx != 0 or attack is None:
-            return
-        images, labels = batch[:2]
-        images = images[attack.poisoned_test_images(labels)]
-        if len(images) == 0:
-            return
-        poisoned = self.victim.features(attack.apply(images.float())).float().flatten(1)
-        generated = self.victim.features(self.model.generator(images)).float().flatten(1)
-        clean = self.victim.features(images).float().flatten(1)
-        getattr(self, f"{stage}_generated_distance").update((generated - poisoned).pow(2).mean(dim=1))
-        getattr(self, f"{stage}_trigger_distance").update((clean - poisoned).pow(2).mean(dim=1))
-        # does G move the features the way the real trigger does? (1: same direction, 0: unrelated)
-        cosine = torch.nn.functional.cosine_similarity(generated - clean, poisoned - clean, dim=1)
-        getattr(self, f"{stage}_trigger_cosine").update(cosine)
+        if dataloader_idx == 0 and attack is not None:
+            metrics.update_trigger(self.victim, self.model.generator, attack, *batch[:2])
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate_btidbf(batch, dataloader_idx, "val")
@@ -404,17 +383,8 @@ class BTIDBF(DefenseModule):
         self._evaluate_btidbf(batch, dataloader_idx, "test")
 
     def _log_btidbf(self, stage: str) -> None:
-        detection = getattr(self, f"{stage}_detection")
-        self.log_dict(detection.compute())
-        detection.reset()
         attack = getattr(self.trainer.datamodule, "attack", None)
-        names = {"generated_distance": "generated_feature_distance", "trigger_distance": "trigger_feature_distance"}
-        names["trigger_cosine"] = "generated_trigger_cosine"
-        for attribute, key in names.items():
-            metric = getattr(self, f"{stage}_{attribute}")
-            if attack is not None:  # compute() is a collective: every rank calls it, updated or not
-                self.log(f"{stage}/{key}", metric.compute())
-            metric.reset()
+        self.log_dict(getattr(self, f"{stage}_inversion").compute_and_reset(with_trigger=attack is not None))
         detected = int(self.model.detected_target)
         if detected >= 0:
             # the same on every rank; sync_dist only keeps Lightning from warning under DDP
