@@ -73,6 +73,24 @@ def test_pretraining_comes_first_and_shifts_every_round():
         RoundSchedule(1, 1, 1, 1, pretrain_epochs=-1)
 
 
+def test_each_phase_trains_one_part_with_its_own_optimizer_and_a_resume_must_match_the_schedule():
+    schedule = RoundSchedule(rounds=2, mask_epochs=2, generator_epochs=3, defense_epochs=4, pretrain_epochs=3)
+    expected = {"mask": (0, "mask"), "generator": (1, "generator"), "defense": (2, "defense")}
+    for phase, (index, part) in expected.items():
+        trains = schedule.trained_parts(phase, pretrain_generator=True)
+        assert [name for name, on in trains.items() if on] == [part]
+        assert schedule.optimizer_index(phase, pretrain_generator=True) == index
+    # the pretraining trains the generator's UNet, or the defense's when only that one is pretrained
+    assert schedule.optimizer_index("pretrain", pretrain_generator=True) == 1
+    assert schedule.optimizer_index("pretrain", pretrain_generator=False) == 2
+    assert not any(schedule.trained_parts("detect", pretrain_generator=True).values())
+    with pytest.raises(ValueError, match="trains nothing"):
+        schedule.optimizer_index("detect", pretrain_generator=True)
+    schedule.check_resumed((1, "generator", 1), 16)  # where this schedule puts epoch 16
+    with pytest.raises(ValueError, match="round 2, phase 'generator'.*round 2, phase 'mask'"):
+        RoundSchedule(2, 4, 3, 4, pretrain_epochs=3).check_resumed((1, "generator", 1), 16)
+
+
 def test_pretraining_weighs_the_input_distance_100_beyond_the_bound_and_001_within():
     from lightning_defense.defenses.btidbf.torch_model import pretrain_loss
 

@@ -6,11 +6,11 @@ from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from lightning_defense.defenses.btidbf.lightning_model import BTIDBF, BTIDBFPurification, BTIDBFUnlearning
+    from lightning_defense.defenses.btidbf.schedule import Phase, RoundSchedule
     from lightning_defense.defenses.btidbf.torch_model import (
         FeatureMask,
         Purification,
         Purified,
-        RoundSchedule,
         TriggerInversion,
         Unlearning,
         decoupling_loss,
@@ -23,6 +23,7 @@ __all__ = [
     "BTIDBFUnlearning",
     "FeatureMask",
     "Purification",
+    "Phase",
     "Purified",
     "RoundSchedule",
     "TriggerInversion",

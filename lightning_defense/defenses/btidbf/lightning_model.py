@@ -1,5 +1,8 @@
 """BTI-DBF's training loop: phases and rounds with one optimizer per trained part; the algorithm
-is in :mod:`.torch_model`."""
+is in :mod:`.torch_model`, the schedule in :mod:`.schedule`, the evaluation beyond BA/ASR/RA in
+:mod:`.inversion_metrics`. Longer than the other LightningModules because the method is: four
+phases a round under manual optimization, each boundary a hook (a mask reset, the target vote,
+the pretrained UNet handed on), and a checkpoint that must resume in the right phase."""
 
 from __future__ import annotations
 
@@ -19,19 +22,11 @@ from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf.inversion_metrics import InversionMetrics
-from lightning_defense.defenses.btidbf.torch_model import (
-    Phase,
-    Purification,
-    RoundSchedule,
-    TriggerInversion,
-    Unlearning,
-)
+from lightning_defense.defenses.btidbf.schedule import PHASE_INDEX, Phase, PhaseName, RoundSchedule
+from lightning_defense.defenses.btidbf.torch_model import Purification, TriggerInversion, Unlearning
 from lightning_defense.defenses.components import LabelPermutation, ReprogrammedClassifier, TransformNet, save_defended
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
-
-OPTIMIZER_BY_PHASE = {"pretrain": 1, "mask": 0, "generator": 1, "defense": 2}
-PHASE_INDEX = {"pretrain": -1, "mask": 0, "generator": 1, "detect": 2, "defense": 3}  # train/phase in the logs
 
 
 class BTIDBF(DefenseModule):
@@ -237,16 +232,13 @@ class BTIDBF(DefenseModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # here rather than at the epoch's start, which a run resumed mid-epoch skips: only the part
         # being trained gets gradients and train mode (BatchNorm statistics); the victim never does
-        name = self.phase.name
         self._validate_after_block(self.current_epoch)
-        pretrains_generator = self.hparams.pretrain_generator
-        trains_generator = name == "generator" or (name == "pretrain" and pretrains_generator)
-        trains_defense = name == "defense" or (name == "pretrain" and not pretrains_generator)
-        self.model.feature_mask.requires_grad_(name == "mask")
-        self.model.generator.requires_grad_(trains_generator).train(trains_generator)
-        self.defense_part().train(trains_defense)
+        trains = self.schedule.trained_parts(self.phase.name, self.hparams.pretrain_generator)
+        self.model.feature_mask.requires_grad_(trains["mask"])
+        self.model.generator.requires_grad_(trains["generator"]).train(trains["generator"])
+        self.defense_part().train(trains["defense"])
         for parameter in self.defense_parameters():
-            parameter.requires_grad_(trains_defense)
+            parameter.requires_grad_(trains["defense"])
 
     def defense_part(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -281,10 +273,8 @@ class BTIDBF(DefenseModule):
             self.model.end_pretraining()
             self.optimizers()[self._optimizer_index("pretrain")].optimizer.state.clear()  # a fresh Adam (official)
 
-    def _optimizer_index(self, phase: str) -> int:
-        if phase == "pretrain" and not self.hparams.pretrain_generator:
-            return OPTIMIZER_BY_PHASE["defense"]
-        return OPTIMIZER_BY_PHASE[phase]
+    def _optimizer_index(self, phase: PhaseName) -> int:
+        return self.schedule.optimizer_index(phase, self.hparams.pretrain_generator)
 
     def on_train_epoch_end(self) -> None:
         phase = self.phase
@@ -332,14 +322,7 @@ class BTIDBF(DefenseModule):
         if "target_votes" in state:
             self.target_votes = torch.tensor(state["target_votes"], dtype=torch.long)
         if "round" in state and "epoch" in checkpoint:
-            saved = (state["round"], state["phase"], state["epoch_in_phase"])
-            phase = self.schedule.at(min(checkpoint["epoch"], self.schedule.total_epochs - 1))
-            if saved != (phase.round, phase.name, phase.epoch):
-                raise ConfigurationError(
-                    f"The checkpoint was saved in round {saved[0] + 1}, phase {saved[1]!r}, but this "
-                    f"schedule puts its epoch in round {phase.round + 1}, phase {phase.name!r}: resume "
-                    "with the rounds and epochs per phase of the run that wrote it."
-                )
+            self.schedule.check_resumed((state["round"], state["phase"], state["epoch_in_phase"]), checkpoint["epoch"])
 
     def on_train_end(self) -> None:
         folder = run_folder(self.trainer)  # on every rank: it is a collective under DDP

@@ -29,8 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import abstractmethod
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,72 +38,6 @@ from torch import Tensor, nn
 from lightning_defense.defenses.components import TransformNet
 from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
-
-PhaseName = Literal["pretrain", "mask", "generator", "detect", "defense"]
-
-
-@dataclass(frozen=True)
-class Phase:
-    """Where an epoch falls in the schedule: its round (-1 for the pretraining before round 1), its
-    phase, and its epoch within the phase."""
-
-    round: int
-    name: PhaseName
-    epoch: int
-    epochs: int
-
-    @property
-    def first_epoch(self) -> bool:
-        return self.epoch == 0
-
-    @property
-    def last_epoch(self) -> bool:
-        return self.epoch == self.epochs - 1
-
-
-class RoundSchedule:
-    """The epochs of BTI-DBF's rounds: mask, backdoor generator, one epoch of target detection,
-    then the defense (purifier or unlearning), after ``pretrain_epochs`` of pretraining the UNet
-    (none by default); the phase of any epoch follows from its number, so an interrupted run
-    resumes in the right phase and round."""
-
-    def __init__(
-        self, rounds: int, mask_epochs: int, generator_epochs: int, defense_epochs: int, pretrain_epochs: int = 0
-    ) -> None:
-        counts = {"rounds": rounds, "mask_epochs": mask_epochs, "generator_epochs": generator_epochs}
-        for name, value in {**counts, "defense_epochs": defense_epochs}.items():
-            if value < 1:
-                raise ConfigurationError(f"BTI-DBF's {name} must be >= 1, got {value}.")
-        if pretrain_epochs < 0:
-            raise ConfigurationError(f"BTI-DBF's pretrain_epochs must be >= 0, got {pretrain_epochs}.")
-        self.rounds = rounds
-        self.pretrain_epochs = pretrain_epochs
-        self.phases: tuple[tuple[PhaseName, int], ...] = (
-            ("mask", mask_epochs),
-            ("generator", generator_epochs),
-            ("detect", 1),
-            ("defense", defense_epochs),
-        )
-        self.round_epochs = sum(epochs for _, epochs in self.phases)
-        self.total_epochs = pretrain_epochs + rounds * self.round_epochs
-
-    def at(self, epoch: int) -> Phase:
-        if 0 <= epoch < self.pretrain_epochs:
-            return Phase(-1, "pretrain", epoch, self.pretrain_epochs)
-        round_index, rest = divmod(epoch - self.pretrain_epochs, self.round_epochs)
-        if round_index >= self.rounds:
-            raise ConfigurationError(f"Epoch {epoch} is past BTI-DBF's {self.total_epochs} epochs.")
-        for name, epochs in self.phases:
-            if rest < epochs:
-                return Phase(round_index, name, rest, epochs)
-            rest -= epochs
-        raise AssertionError("unreachable")
-
-    def ends_block(self, epoch: int) -> bool:
-        """Whether ``epoch`` is the last of the pretraining or of a round: validation follows it."""
-        if epoch < self.pretrain_epochs:
-            return epoch == self.pretrain_epochs - 1
-        return (epoch - self.pretrain_epochs + 1) % self.round_epochs == 0
 
 
 class FeatureMask(nn.Module):
