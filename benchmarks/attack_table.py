@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lightning_defense.evaluation import LABELS, REPORTED
+from lightning_defense.metrics import LABELS, REPORTED
 
 DEFENSES = {"refine": "REFINE", "p5": "BTI-DBF (P)", "tmr": "T-MR", "shrinkpad": "ShrinkPad"}
 ATTACKS = {

@@ -12,7 +12,7 @@ def machine() -> dict[str, str | int]:
     and thread counts, torch version and the GPU, where there is one."""
     import torch
 
-    from lightning_defense.hardware import cpu_bf16_instructions
+    from lightning_defense.training.hardware import cpu_bf16_instructions
 
     cpu = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")

@@ -45,7 +45,7 @@ from lightning_defense.data.augmentation import BatchAugmentation, RefineAugment
 from lightning_defense.data.datasets import ImageTensorDataset, collate
 from lightning_defense.defenses.btidbf import BTIDBFPurification
 from lightning_defense.defenses.refine import REFINE
-from lightning_defense.hardware import auto_precision, cpu_bf16_instructions, uses_channels_last
+from lightning_defense.training.hardware import auto_precision, cpu_bf16_instructions, uses_channels_last
 from lightning_defense.victims import Classifier
 
 MODES = ("plain", "optimized")
@@ -69,7 +69,7 @@ class Setting:
 
     ``precision`` and ``channels_last`` default to the mode's: ``plain`` runs fp32 NCHW, the others
     what ``precision: auto`` and ``channels_last: auto`` resolve to on ``device``
-    (:mod:`lightning_defense.hardware`); the grid sets both itself.
+    (:mod:`lightning_defense.training.hardware`); the grid sets both itself.
     """
 
     def __init__(

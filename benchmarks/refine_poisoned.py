@@ -32,7 +32,7 @@ from lightning_defense.attacks import attack_of_victim
 from lightning_defense.data import CIFAR10DataModule
 from lightning_defense.data.embedded_cifar10 import load_embedded_cifar10
 from lightning_defense.defenses.components import load_defended
-from lightning_defense.safetensors_io import read_safetensors
+from lightning_defense.io.safetensors_files import read_safetensors
 
 
 def test_images(cifar10_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Measure every shipped victim (``checkpoints/*.safetensors``) on its full test set and write
 ``checkpoints/victims.json``: per file its SHA-256 and BA / ASR / RA / ASR-any (fp32), as every module
-defines them (``lightning_defense.evaluation``), with the poisoned test set its own file records.
+defines them (``lightning_defense.metrics``), with the poisoned test set its own file records.
 ``lightning-defense shipped`` shows them; a file changed since (another SHA-256) shows none.
 
     LIGHTNING_DEFENSE_DATA=<folder with cifar10-jpeg/> python benchmarks/shipped_victims.py
@@ -20,9 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_defense.data import DefenseDataModule, SeenData
 from lightning_defense.data.datamodules import CIFAR10DataModule
-from lightning_defense.evaluation import AnyClassAttackSuccess, split_batch
-from lightning_defense.safetensors_io import sha256
-from lightning_defense.shipped import MEASURED, is_victim_file
+from lightning_defense.io.safetensors_files import sha256
+from lightning_defense.io.shipped import MEASURED, is_victim_file
+from lightning_defense.metrics import AnyClassAttackSuccess, split_batch
 from lightning_defense.victims import load_victim
 
 REPO = Path(__file__).resolve().parents[1]

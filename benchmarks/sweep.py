@@ -43,9 +43,9 @@ import torch
 import yaml
 from machine_info import machine
 
-from lightning_defense.evaluation import LABELS, REPORTED
-from lightning_defense.hardware import worker_environment
+from lightning_defense.metrics import LABELS, REPORTED
 from lightning_defense.study import run_logged, summarize
+from lightning_defense.training.hardware import worker_environment
 
 
 def flatten(args: list) -> list[str]:

@@ -17,9 +17,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from lightning_defense import DefenseTrainer
-from lightning_defense.callbacks import TransformGrid
 from lightning_defense.data import DefenseDataModule, EmbeddedCIFAR10DataModule, SeenData
 from lightning_defense.defenses import REFINE, load_defended
+from lightning_defense.training.callbacks import TransformGrid
 
 VICTIM = "checkpoints/cifar10_resnet20_badnets.safetensors"  # or your own victim file (`lightning wrap`)
 

@@ -2,13 +2,14 @@
 
 from typing import TYPE_CHECKING
 
+from lightning_defense.deprecation import keep_moved_modules
 from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from lightning_defense import attacks, callbacks, data, defenses, victims
-    from lightning_defense.callbacks import EpochSummary, PredictionWriter
+    from lightning_defense import attacks, data, defenses, io, study, training, victims
     from lightning_defense.defenses import REFINE
-    from lightning_defense.trainer import DefenseTrainer
+    from lightning_defense.training.callbacks import EpochSummary, PredictionWriter
+    from lightning_defense.training.trainer import DefenseTrainer
     from lightning_defense.victims.input_aware_trainer import InputAwareVictimTask
     from lightning_defense.victims.input_aware_trainer import InputAwareVictimTrainer as InputAwareVictimTrainer
     from lightning_defense.victims.lightning_model import VictimTask
@@ -22,11 +23,28 @@ __all__ = [
     "InputAwareVictimTask",
     "PredictionWriter",
     "VictimTask",
-    "callbacks",
     "attacks",
     "data",
     "defenses",
+    "io",
+    "study",
+    "training",
     "victims",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, __file__)
+
+# the modules' homes before the package root was tidied into training/, io/, study/ and metrics
+keep_moved_modules(
+    {
+        "lightning_defense.callbacks": "lightning_defense.training.callbacks",
+        "lightning_defense.checkpoint_io": "lightning_defense.io.torch_files",
+        "lightning_defense.evaluation": "lightning_defense.metrics",
+        "lightning_defense.hardware": "lightning_defense.training.hardware",
+        "lightning_defense.optim": "lightning_defense.training.optim",
+        "lightning_defense.run_folder": "lightning_defense.io.run_folder",
+        "lightning_defense.safetensors_io": "lightning_defense.io.safetensors_files",
+        "lightning_defense.shipped": "lightning_defense.io.shipped",
+        "lightning_defense.trainer": "lightning_defense.training.trainer",
+    }
+)

@@ -27,18 +27,8 @@ from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from lightning_defense.callbacks import (
-    EpochMetricsFile,
-    EpochSummary,
-    RandomStateCheckpoint,
-    StopOnNonFiniteLoss,
-    run_folder,
-)
-from lightning_defense.checkpoint_io import check_checkpoint, imported_object, load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError, UserInputError
-from lightning_defense.hardware import configure_threads
-from lightning_defense.lazy import import_all
-from lightning_defense.run_folder import (
+from lightning_defense.io.run_folder import (
     KeepConfigCallback,
     check_fresh_folder,
     check_writable,
@@ -46,9 +36,19 @@ from lightning_defense.run_folder import (
     no_logger_run_dir,
     release_run_folders,
     resolve_last_checkpoint,
+    run_folder,
 )
-from lightning_defense.shipped import config_path
-from lightning_defense.trainer import AtomicCheckpointIO, DefenseTrainer
+from lightning_defense.io.shipped import config_path
+from lightning_defense.io.torch_files import check_checkpoint, imported_object, load_weights
+from lightning_defense.lazy import import_all
+from lightning_defense.training.callbacks import (
+    EpochMetricsFile,
+    EpochSummary,
+    RandomStateCheckpoint,
+    StopOnNonFiniteLoss,
+)
+from lightning_defense.training.hardware import configure_threads
+from lightning_defense.training.trainer import AtomicCheckpointIO, DefenseTrainer
 from lightning_defense.victims.architectures import allow_network
 from lightning_defense.victims.victim_file import check_same_victim
 
@@ -112,7 +112,7 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 class DefenseCLI(LightningCLI):
     """LightningCLI with the project's defaults: seed 0, rich progress bar, CSV logs under
     ``runs/``, a checkpoint callback that writes ``last.ckpt`` after every training epoch, and
-    :class:`~lightning_defense.trainer.DefenseTrainer` (precision and memory layout from the
+    :class:`~lightning_defense.training.trainer.DefenseTrainer` (precision and memory layout from the
     hardware) with CPU threads shared out between the run's processes."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -476,7 +476,7 @@ def version() -> str:
 
 def with_shipped_configs(argv: list[str]) -> list[str]:
     """``--config refine`` -> the shipped ``configs/refine.yaml`` where no such file is here
-    (:func:`lightning_defense.shipped.config_path`)."""
+    (:func:`lightning_defense.io.shipped.config_path`)."""
     out = list(argv)
     for i, arg in enumerate(out):
         if arg in ("--config", "-c") and i + 1 < len(out):
@@ -496,7 +496,7 @@ def _run(args: list[str] | None) -> None:
         print(version())
         return
     if argv[:1] == ["shipped"]:  # the shipped victims (with their SHA-256 and measured metrics) and configs
-        from lightning_defense.shipped import main as shipped
+        from lightning_defense.io.shipped import main as shipped
 
         shipped(argv[1:])
         return

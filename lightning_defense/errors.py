@@ -31,6 +31,10 @@ class UntrustedCheckpointError(UserInputError, ValueError):
     """A checkpoint that is not a plain weights file, or is damaged (contract 3)."""
 
 
+class TrainingDivergedError(UserInputError):
+    """The training loss or the trained weights stopped being finite."""
+
+
 def check_class_count(datamodule: object, num_classes: int, owner: str, fix: str) -> None:
     """Fail before training when the model's and the data's class counts differ.
 

@@ -12,7 +12,6 @@ import torch
 from lightning import Callback, Trainer
 
 from lightning_defense.attacks import BadNets
-from lightning_defense.callbacks import TransformGrid
 from lightning_defense.data import DefenseDataModule, SeenData, SyntheticDataModule
 from lightning_defense.defenses.btidbf import (
     BTIDBFPurification,
@@ -23,6 +22,7 @@ from lightning_defense.defenses.btidbf import (
     generator_loss,
 )
 from lightning_defense.defenses.btidbf.torch_model import input_distance
+from lightning_defense.training.callbacks import TransformGrid
 from lightning_defense.victims import Classifier, VictimMetadata, load_victim, save_victim
 
 TINY_UNET = {"encoder_depth": 3, "decoder_channels": (16, 8, 4)}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning import LightningModule
 
-from lightning_defense.evaluation import BackdoorMetrics
+from lightning_defense.metrics import BackdoorMetrics
 
 
 class _Recorder(LightningModule):
@@ -138,7 +138,7 @@ def test_epoch_summary_prints_every_epoch_with_only_the_metrics_logged_in_it(cap
     import logging
     from types import SimpleNamespace
 
-    from lightning_defense.callbacks import EpochSummary
+    from lightning_defense.training.callbacks import EpochSummary
 
     metrics = {"train/mask_loss": torch.tensor(0.5), "train/loss": torch.tensor(1.5), "val/ba": torch.tensor(0.25)}
     trainer = SimpleNamespace(current_epoch=0, max_epochs=3, sanity_checking=False, callback_metrics=metrics)

@@ -165,7 +165,7 @@ class _FailsHalfway:
 
 
 def test_a_checkpoint_write_that_fails_halfway_leaves_the_previous_one_whole(tmp_path):
-    from lightning_defense.trainer import AtomicCheckpointIO
+    from lightning_defense.training.trainer import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -181,7 +181,7 @@ def test_runs_write_their_checkpoints_through_the_atomic_writer(tmp_path, monkey
     from lightning.pytorch.plugins.environments import LightningEnvironment
 
     from lightning_defense.cli import build_cli
-    from lightning_defense.trainer import AtomicCheckpointIO
+    from lightning_defense.training.trainer import AtomicCheckpointIO
 
     monkeypatch.setattr(sys, "argv", ["lightning"])
     cli = build_cli(["--config", str(tiny_config(tmp_path))], run=False)

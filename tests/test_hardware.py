@@ -13,7 +13,7 @@ from lightning.pytorch.plugins import DoublePrecision
 from lightning_defense import hardware
 from lightning_defense.cli import build_cli
 from lightning_defense.defenses import REFINE
-from lightning_defense.trainer import DefenseTrainer
+from lightning_defense.training.trainer import DefenseTrainer
 from lightning_defense.victims.lightning_model import VictimTask
 
 VICTIM = str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10_resnet20_badnets.safetensors")
@@ -203,8 +203,8 @@ def test_study_workers_split_the_cores(cores, monkeypatch):
     cores(2)
     seen = []
     monkeypatch.setattr(Study, "write_cell_config", lambda self, cell, out, env: seen.append(env) or out / "x.yaml")
-    monkeypatch.setattr("lightning_defense.study.run_logged", lambda *a, **k: seen.append(a[3]) or 1)
-    monkeypatch.setattr("lightning_defense.study.write_results", lambda *a: None)
+    monkeypatch.setattr("lightning_defense.study.running.run_logged", lambda *a, **k: seen.append(a[3]) or 1)
+    monkeypatch.setattr("lightning_defense.study.running.write_results", lambda *a: None)
     study = Study(victim=VICTIM, defenses={"a": [], "b": []}, aux_data={"seen": {}}, calibration=None, jobs=2)
     study.run()
     assert len(seen) == 4 and all(env["OMP_NUM_THREADS"] == "1" for env in seen)

@@ -27,7 +27,7 @@ from lightning_defense.cli import main
 from lightning_defense.data import SyntheticDataModule
 from lightning_defense.data.auxiliary import DefenseDataModule, ReservedData
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import sha256
+from lightning_defense.io.safetensors_files import sha256
 from lightning_defense.victims import load_victim, read_victim_metadata
 
 

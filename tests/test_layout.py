@@ -94,13 +94,13 @@ def test_every_lazy_export_is_listed_and_loads(package):
 
 
 def test_the_earlier_names_still_work_for_a_release_and_say_where_things_went():
-    from lightning_defense.callbacks import TransformGrid
     from lightning_defense.defenses import refine
     from lightning_defense.defenses.refine.torch_model import RefineModel
+    from lightning_defense.training.callbacks import TransformGrid
 
     with pytest.warns(FutureWarning, match="RefineModel"):
         assert refine.Refine is RefineModel
-    with pytest.warns(FutureWarning, match="lightning_defense.callbacks.TransformGrid"):
+    with pytest.warns(FutureWarning, match="lightning_defense.training.callbacks.TransformGrid"):
         assert refine.TransformGrid is TransformGrid
 
 
@@ -133,3 +133,22 @@ def test_the_earlier_lightning_module_names_build_the_new_classes_with_a_warning
         main(["fit", "--config", str(tmp_path / "old.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith(old) and printed["model"]["init_args"]["lr"] == 0.05
+
+
+def test_the_modules_earlier_paths_import_the_moved_modules_with_a_warning():
+    code = (
+        "import warnings, sys\n"
+        "warnings.simplefilter('error', FutureWarning)\n"
+        "try:\n"
+        "    import lightning_defense.callbacks\n"
+        "except FutureWarning as warning:\n"
+        "    print(warning)\n"
+        "warnings.simplefilter('ignore', FutureWarning)\n"
+        "from lightning_defense.evaluation import BackdoorMetrics\n"
+        "import lightning_defense.metrics, lightning_defense.callbacks, lightning_defense.training.callbacks as new\n"
+        "print(BackdoorMetrics is lightning_defense.metrics.BackdoorMetrics, lightning_defense.callbacks is new)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    warning, identities = done.stdout.strip().splitlines()
+    assert warning.startswith("lightning_defense.callbacks is now lightning_defense.training.callbacks")
+    assert identities == "True True"

@@ -12,9 +12,9 @@ import pytest
 from lightning.pytorch.loggers import Logger
 from test_cli import tiny_config
 
-from lightning_defense.callbacks import TransformGrid, log_figure
 from lightning_defense.cli import main
 from lightning_defense.study import read_metrics, summarize
+from lightning_defense.training.callbacks import TransformGrid, log_figure
 
 
 class Recorder(Logger):

@@ -323,7 +323,7 @@ def test_a_claimed_run_folder_moves_an_automatic_version_on_and_refuses_a_fixed_
     from lightning.pytorch.loggers import CSVLogger
 
     from lightning_defense.errors import ConfigurationError
-    from lightning_defense.run_folder import claim_run_folder, release_run_folders
+    from lightning_defense.io.run_folder import claim_run_folder, release_run_folders
 
     class Trainer(SimpleNamespace):
         log_dir = property(lambda self: self.logger.log_dir)

@@ -1,4 +1,4 @@
-"""Shipped configs and victims, addressable by name from any folder (lightning_defense.shipped)."""
+"""Shipped configs and victims, addressable by name from any folder (lightning_defense.io.shipped)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from lightning_defense import shipped
 from lightning_defense.attacks import BadNets
 from lightning_defense.cli import main, with_shipped_configs
-from lightning_defense.safetensors_io import sha256
+from lightning_defense.io.safetensors_files import sha256
 from lightning_defense.victims import Classifier, VictimMetadata, load_victim, read_victim_metadata, save_victim
 
 REPO = Path(__file__).resolve().parents[1]

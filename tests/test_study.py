@@ -119,7 +119,7 @@ def test_a_changed_study_reruns_its_cells_and_refine_never_calibrates_on_ground_
 
 
 def test_a_run_stopped_by_sigterm_is_not_marked_finished(tmp_path, monkeypatch):
-    from lightning_defense import study as study_module
+    from lightning_defense.study import running as study_module
 
     def fake_run(command, stdout, **kwargs):  # Lightning's behaviour: stop early, say so, exit 0
         stdout.write("[rank: 0] Received SIGTERM: 15\n")
@@ -134,7 +134,7 @@ def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_
     """A row killed after its first epoch (a checkpoint, no .time) continues from last.ckpt at the
     next call: the second attempt trains only the second epoch, the wall time counts both
     attempts, and the summary holds both epochs' validations."""
-    from lightning_defense import study as study_module
+    from lightning_defense.study import running as study_module
 
     source = {"class_path": "SyntheticDataModule", "init_args": {"train_per_class": 8, "test_per_class": 2}}
     source["init_args"] |= {"batch_size": 16, "attack": BadNets(target=1).config()}
@@ -165,7 +165,7 @@ def test_an_interrupted_row_resumes_from_last_ckpt_and_its_time_and_metrics_add_
 
 
 def test_an_interrupted_row_resumes_only_under_the_command_that_started_it(tmp_path, monkeypatch):
-    from lightning_defense import study as study_module
+    from lightning_defense.study import running as study_module
 
     commands = []
 

@@ -14,10 +14,10 @@ from lightning.pytorch.cli import LightningCLI
 from test_fault_tolerance import lightning, one_clear_error, tiny_config
 from test_resume import refine, write_config
 
-from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.cli import DefenseCLI, main
 from lightning_defense.errors import UntrustedCheckpointError
-from lightning_defense.trainer import AtomicCheckpointIO
+from lightning_defense.io.torch_files import load_weights
+from lightning_defense.training.trainer import AtomicCheckpointIO
 
 #: run again on the lowest versions pyproject.toml allows (`nox -s lowest`, .ci/run)
 pytestmark = pytest.mark.trust_boundary

@@ -18,9 +18,9 @@ from torch import Tensor
 from torchvision.transforms import v2
 
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.io.safetensors_files import build_from_metadata
+from lightning_defense.io.shipped import resolve
 from lightning_defense.lazy import import_all
-from lightning_defense.safetensors_io import build_from_metadata
-from lightning_defense.shipped import resolve
 
 LabelMode = Literal["all_to_one", "all_to_all"]
 

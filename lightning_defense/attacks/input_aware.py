@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_defense.attacks.base import Attack, LabelMode
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import read_safetensors, sha256, write_safetensors
+from lightning_defense.io.safetensors_files import read_safetensors, sha256, write_safetensors
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 
 FORMAT = "lightning-defense-iad-generators/1"

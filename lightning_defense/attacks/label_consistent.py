@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from lightning_defense.attacks.adaptive_patch import corner_positions, paste_patch
 from lightning_defense.attacks.base import Attack, LabelMode, scaled_side, to_float, to_uint8
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.shipped import resolve
+from lightning_defense.io.shipped import resolve
 from lightning_defense.victims import Classifier, load_victim, read_victim_metadata
 
 CLEAN_CONFIG = "configs/victims/cifar10_clean.yaml"

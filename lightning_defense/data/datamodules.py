@@ -47,7 +47,7 @@ def served_image_size(datamodule: object) -> tuple[int, int] | None:
 
 class InMemoryDataModule(LightningDataModule):
     """Loaders over in-memory sets. Evaluation loaders are ``[clean test, poisoned test]``
-    (see :mod:`lightning_defense.evaluation`); the poisoned one exists only with an attack."""
+    (see :mod:`lightning_defense.metrics`); the poisoned one exists only with an attack."""
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()

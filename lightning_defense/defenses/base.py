@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_defense.errors import ConfigurationError, check_class_count
-from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
-from lightning_defense.hardware import uses_channels_last
+from lightning_defense.metrics import LABELS, REPORTED, BackdoorMetrics, split_batch
+from lightning_defense.training.hardware import uses_channels_last
 from lightning_defense.victims import Classifier
 from lightning_defense.victims.victim_file import check_same_victim
 
@@ -31,7 +31,7 @@ class DefenseModule(LightningModule):
     ``{val,test}/ba``, ``/asr``, ``/ra`` and ``/asr_any`` for the defended model and the same with
     ``victim_`` for the undefended victim on the same batches; a model with an output map
     (``model.behind_map(images)``: the victim's logits before the map) also logs ``inner_asr`` and
-    ``inner_asr_any`` (:mod:`lightning_defense.evaluation` defines them all).
+    ``inner_asr_any`` (:mod:`lightning_defense.metrics` defines them all).
     """
 
     def __init__(self, num_classes: int) -> None:

@@ -12,13 +12,14 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.augmentation import BatchAugmentation
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.components import LabelPermutation, save_defended
 from lightning_defense.defenses.refine.torch_model import ClassificationLoss, RefineModel
 from lightning_defense.errors import ConfigurationError
-from lightning_defense.optim import sgd_multistep
+from lightning_defense.io.run_folder import run_folder
+from lightning_defense.training.callbacks import FigureRow
+from lightning_defense.training.optim import sgd_multistep
 from lightning_defense.victims import load_victim
 
 
@@ -103,7 +104,7 @@ class ReprogrammingDefense(DefenseModule, ABC):
         return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
 
     def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
-        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's
+        """For :class:`~lightning_defense.training.callbacks.TransformGrid`: the images with the victim's
         predictions, and T(images) with the defended model's."""
         transformed = self.model.transform_net(images).float()
         victim, defended = self.victim(images).argmax(1), self(images).argmax(1)

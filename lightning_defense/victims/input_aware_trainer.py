@@ -22,12 +22,12 @@ from lightning_defense.attacks.input_aware import (
     partners,
     save_generators,
 )
-from lightning_defense.callbacks import run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError
-from lightning_defense.optim import sgd_multistep
-from lightning_defense.safetensors_io import sha256
+from lightning_defense.io.run_folder import run_folder
+from lightning_defense.io.safetensors_files import sha256
+from lightning_defense.training.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 from lightning_defense.victims.lightning_model import VictimTask
 

@@ -13,13 +13,13 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_defense.callbacks import run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError, check_class_count, check_image_size
-from lightning_defense.evaluation import LABELS, REPORTED, BackdoorMetrics, split_batch
-from lightning_defense.hardware import uses_channels_last
-from lightning_defense.optim import sgd_multistep
+from lightning_defense.io.run_folder import run_folder
+from lightning_defense.metrics import LABELS, REPORTED, BackdoorMetrics, split_batch
+from lightning_defense.training.hardware import uses_channels_last
+from lightning_defense.training.optim import sgd_multistep
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, save_victim
 
@@ -42,7 +42,7 @@ class VictimTask(LightningModule):
         feature_node: where trigger-inversion defenses split this network into features and
             head, if not the default (see :class:`~lightning_defense.victims.Classifier`).
         channels_last: NHWC layout for this module; ``None`` (default) follows the Trainer's
-            ``channels_last`` (see :func:`lightning_defense.hardware.uses_channels_last`).
+            ``channels_last`` (see :func:`lightning_defense.training.hardware.uses_channels_last`).
     """
 
     def __init__(

@@ -17,7 +17,6 @@ from typing import Any, NoReturn
 
 import torch
 
-from lightning_defense.checkpoint_io import imported_object, load_weights
 from lightning_defense.errors import (
     ConfigurationError,
     InputNotFoundError,
@@ -25,8 +24,14 @@ from lightning_defense.errors import (
     UserInputError,
     check_image_size,
 )
-from lightning_defense.safetensors_io import build_from_metadata, metadata_json, read_safetensors, write_safetensors
-from lightning_defense.shipped import resolve
+from lightning_defense.io.safetensors_files import (
+    build_from_metadata,
+    metadata_json,
+    read_safetensors,
+    write_safetensors,
+)
+from lightning_defense.io.shipped import resolve
+from lightning_defense.io.torch_files import imported_object, load_weights
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD, Classifier
 
 FORMAT = "lightning-defense-victim/1"

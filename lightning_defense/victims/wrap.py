@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from lightning_defense.attacks import Attack
-from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError, UntrustedCheckpointError
-from lightning_defense.safetensors_io import read_safetensors
+from lightning_defense.io.safetensors_files import read_safetensors
+from lightning_defense.io.torch_files import load_weights
 from lightning_defense.victims.architectures import allow_network, is_class_path
 from lightning_defense.victims.classifier import Classifier
 from lightning_defense.victims.victim_file import VictimMetadata, is_state_dict, save_victim

@@ -17,7 +17,6 @@ from torch import Tensor
 from torchmetrics import MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.bdmae.mae import (
@@ -30,6 +29,8 @@ from lightning_defense.defenses.bdmae.mae import (
 from lightning_defense.defenses.bdmae.torch_model import BDMAEDefense
 from lightning_defense.deprecation import warn_renamed
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.io.run_folder import run_folder
+from lightning_defense.training.callbacks import FigureRow
 from lightning_defense.victims import CIFAR10_MEAN, CIFAR10_STD, Classifier, load_victim
 
 
@@ -264,7 +265,7 @@ class BDMAE(DefenseModule):
         return F.one_hot(self.model(images), self.victim.num_classes).float()
 
     def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
-        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's
+        """For :class:`~lightning_defense.training.callbacks.TransformGrid`: the images with the victim's
         labels, and the purified images with the defended labels."""
         purified = self.model.purify(images).images
         before, after = self.model.oracle(images), self.model.oracle(purified)

@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_defense.checkpoint_io import load_weights
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import (
+from lightning_defense.io.safetensors_files import (
     NETWORK_SETTING_LIMIT,
     build_from_metadata,
     metadata_json,
     read_safetensors,
     write_safetensors,
 )
-from lightning_defense.shipped import resolve
+from lightning_defense.io.shipped import resolve
+from lightning_defense.io.torch_files import load_weights
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 
 MAE_FORMAT = "lightning-defense-mae/1"

@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_defense.callbacks import FigureRow, run_folder
 from lightning_defense.data.datamodules import served_image_size
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.btidbf.inversion_metrics import InversionMetrics
@@ -26,6 +25,8 @@ from lightning_defense.defenses.btidbf.schedule import PHASE_INDEX, Phase, Phase
 from lightning_defense.defenses.btidbf.torch_model import Purification, TriggerInversion, Unlearning
 from lightning_defense.defenses.components import LabelPermutation, ReprogrammedClassifier, TransformNet, save_defended
 from lightning_defense.errors import ConfigurationError
+from lightning_defense.io.run_folder import run_folder
+from lightning_defense.training.callbacks import FigureRow
 from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
 
 
@@ -338,7 +339,7 @@ class BTIDBF(DefenseModule):
     # -- evaluation -------------------------------------------------------------------------------
 
     def figure_rows(self, name: str, images: Tensor) -> list[FigureRow]:
-        """For :class:`~lightning_defense.callbacks.TransformGrid`: the images with the victim's and
+        """For :class:`~lightning_defense.training.callbacks.TransformGrid`: the images with the victim's and
         the defended model's predictions; for clean images also the inverted trigger G(x) and its
         change, magnified, with the victim's prediction on G(x)."""
         victim, defended = self.victim(images).argmax(1), self(images).argmax(1)

@@ -20,7 +20,7 @@ from lightning_defense.defenses.components.label_permutation import LabelPermuta
 from lightning_defense.defenses.components.reprogramming import ReprogrammedClassifier
 from lightning_defense.defenses.components.transform_net import BorderPerturbation, TransformNet
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
-from lightning_defense.safetensors_io import (
+from lightning_defense.io.safetensors_files import (
     NETWORK_SETTING_LIMIT,
     build_from_metadata,
     metadata_json,
@@ -28,7 +28,7 @@ from lightning_defense.safetensors_io import (
     sha256,
     write_safetensors,
 )
-from lightning_defense.shipped import resolve
+from lightning_defense.io.shipped import resolve
 from lightning_defense.victims import load_victim
 
 FORMAT = "lightning-defense-refine/1"  # REFINE's first: kept, so that every export stays readable

@@ -8,9 +8,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_defense.callbacks import run_folder
 from lightning_defense.defenses.base import DefenseModule
 from lightning_defense.defenses.finetune.torch_model import FeatureShiftTuning, FineTuning
+from lightning_defense.io.run_folder import run_folder
 from lightning_defense.victims import Classifier, load_victim, save_repaired_victim
 
 

@@ -36,7 +36,7 @@ _exports, __dir__ = lazy_exports(__name__, __file__)
 #: earlier names, kept for one release: where each object is now
 _MOVED = {
     "Refine": "lightning_defense.defenses.refine.RefineModel",
-    "TransformGrid": "lightning_defense.callbacks.TransformGrid",
+    "TransformGrid": "lightning_defense.training.callbacks.TransformGrid",
 }
 
 

@@ -7,7 +7,6 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,16 +17,11 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_defense.errors import UserInputError
+from lightning_defense.errors import TrainingDivergedError
+from lightning_defense.io.run_folder import run_folder
 
 # a figure row: its label, [0, 1] images, and one title per image
 FigureRow = tuple[str, Tensor, list[str]]
-
-
-def run_folder(trainer: Trainer) -> Path:
-    """The run's folder (the logger's version folder). Under DDP ``trainer.log_dir`` broadcasts
-    from rank 0, so every rank must call this, before any ``is_global_zero`` branch."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class _EpochMetrics(Callback):
@@ -119,10 +113,6 @@ class RandomStateCheckpoint(Callback):
         random.setstate((version, tuple(state), gauss))
         name, keys, *rest = saved["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-
-
-class TrainingDivergedError(UserInputError):
-    """The training loss or the trained weights stopped being finite."""
 
 
 class StopOnNonFiniteLoss(Callback):

@@ -4,7 +4,7 @@ bf16 autocast pays only where the hardware computes bf16: on a CPU without AVX-5
 PyTorch emulates it and a training step runs 10-40x slower than in fp32
 (``benchmarks/PERFORMANCE.md``). channels_last (NHWC) was measured to pay on CPUs in fp32 and
 bf16 alike, and pays on GPUs with 16-bit convolutions (tensor cores). So ``precision: auto`` and
-``channels_last: auto`` (:class:`~lightning_defense.trainer.DefenseTrainer`) are resolved here at
+``channels_last: auto`` (:class:`~lightning_defense.training.trainer.DefenseTrainer`) are resolved here at
 start-up, and an explicit value always wins.
 
 Threads: each process of a run gets the cores it may use divided by the processes that share them,
@@ -126,7 +126,7 @@ def is_half(precision: object) -> bool:
 
 def uses_channels_last(trainer: object) -> bool:
     """The memory layout for a module run by ``trainer``: its ``channels_last`` setting where it has
-    one (:class:`~lightning_defense.trainer.DefenseTrainer`), else where NHWC was measured to pay:
+    one (:class:`~lightning_defense.training.trainer.DefenseTrainer`), else where NHWC was measured to pay:
     on a CPU in fp32 and bf16 alike (oneDNN's NHWC kernels), and on a GPU with 16-bit precision
     (tensor cores); a GPU in fp32 keeps PyTorch's NCHW."""
     setting = getattr(trainer, "channels_last", "auto")

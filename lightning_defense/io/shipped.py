@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # lightning_defense/
 #: where shipped victims' measured BA / ASR / RA / ASR-any are kept (benchmarks/shipped_victims.py writes it)
 MEASURED = "victims.json"
 
@@ -67,7 +67,7 @@ def resolve(path: str | Path) -> Path:
 def shipped_victims() -> list[dict]:
     """Every shipped victim file with its SHA-256 and, where measured, its BA / ASR / RA / ASR-any
     (from ``checkpoints/victims.json``; a file whose SHA-256 differs from the measured one has no numbers)."""
-    from lightning_defense.safetensors_io import sha256
+    from lightning_defense.io.safetensors_files import sha256
     from lightning_defense.victims import read_victim_metadata
 
     folder = _folder("checkpoints")

@@ -20,11 +20,18 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
-from lightning_defense.callbacks import run_folder
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 #: the folder of runs without a logger: ``runs/no_logger/version_N``
 NO_LOGGER_ROOT = Path("runs", "no_logger")
+
+
+def run_folder(trainer: Trainer) -> Path:
+    """The run's folder (the logger's version folder). Under DDP ``trainer.log_dir`` broadcasts
+    from rank 0, so every rank must call this, before any ``is_global_zero`` branch."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
 #: passes a run folder chosen by rank 0 to the DDP ranks Lightning starts (they rerun the command)
 RUN_DIR_VARIABLE = "LIGHTNING_DEFENSE_RUN_DIR"
 

@@ -1,5 +1,5 @@
 """Reading torch files: the one weights-only load path (plain torch; the Trainer's checkpoint
-writer is :class:`lightning_defense.trainer.AtomicCheckpointIO`)."""
+writer is :class:`lightning_defense.training.trainer.AtomicCheckpointIO`)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The Trainer of the ``lightning`` command: Lightning's, with precision and memory layout that
-follow the hardware (:mod:`lightning_defense.hardware`), and its checkpoint writer."""
+follow the hardware (:mod:`lightning_defense.training.hardware`), and its checkpoint writer."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_defense.checkpoint_io import check_checkpoint, is_url, load_weights
-from lightning_defense.hardware import auto_precision, device_type, uses_channels_last
+from lightning_defense.io.torch_files import check_checkpoint, is_url, load_weights
+from lightning_defense.training.hardware import auto_precision, device_type, uses_channels_last
 
 
 class DefenseTrainer(Trainer):
