@@ -2,6 +2,10 @@
 
 Model and data are given in subclass mode (``class_path``/``init_args``); this module imports every
 LightningModule, DataModule, attack and callback of the package, so short class names resolve.
+
+Its length: beside the LightningCLI subclass, every way a run can go wrong before it starts
+(a missing or foreign checkpoint, a taken run folder, a config error) becomes one line and exit
+status 2 here, in one place.
 """
 
 from __future__ import annotations

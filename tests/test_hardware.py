@@ -14,7 +14,7 @@ from lightning_defense import hardware
 from lightning_defense.cli import build_cli
 from lightning_defense.defenses import REFINE
 from lightning_defense.training.trainer import DefenseTrainer
-from lightning_defense.victims.lightning_model import VictimTask
+from lightning_defense.training.victim_task import VictimTask
 
 VICTIM = str(Path(__file__).resolve().parents[1] / "checkpoints" / "cifar10_resnet20_badnets.safetensors")
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_defense.attacks import BadNets, InputAware, attack_from_config
 from lightning_defense.attacks.base import to_float, to_uint8
-from lightning_defense.attacks.input_aware import (
+from lightning_defense.attacks.input_aware.torch_model import (
     InputAwareGenerators,
     diversity_loss,
     mask_pretraining_losses,

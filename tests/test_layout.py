@@ -42,9 +42,30 @@ def test_the_lightning_check_would_see_lightning():  # the positive control
     assert "lightning" in loaded_lightning("lightning_defense.defenses.refine.lightning_model")
 
 
-def imported_modules(path: Path) -> set[str]:
+def package_imports(folder: str, inside_functions: bool = False) -> dict[str, set[str]]:
+    """The lightning_defense modules each file under ``folder`` imports (at module level, or only
+    those inside functions)."""
+    found = {}
+    for path in (PACKAGE / folder).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        nested = {
+            id(sub)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            for sub in ast.walk(node)
+        }
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom) and (id(node) in nested) == inside_functions:
+                single = ast.Module(body=[node], type_ignores=[])
+                names |= {m for m in imported_modules_of(single, path) if m.startswith("lightning_defense")}
+        found[str(path.relative_to(PACKAGE))] = names
+    return found
+
+
+def imported_modules_of(tree: ast.AST, path: Path) -> set[str]:
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -53,14 +74,31 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-def test_victims_never_import_defenses():
+def test_victims_import_no_defenses_and_only_the_public_names_of_attacks():
     offenders = {
-        str(path.relative_to(PACKAGE)): sorted(
-            m for m in imported_modules(path) if m.startswith("lightning_defense.defenses")
-        )
-        for path in (PACKAGE / "victims").rglob("*.py")
+        path: sorted(m for m in modules if m.startswith(("lightning_defense.defenses", "lightning_defense.attacks.")))
+        for path, modules in package_imports("victims").items()
     }
     assert {path: modules for path, modules in offenders.items() if modules} == {}
+
+
+def test_attacks_import_only_the_plain_parts_of_victims_and_hide_no_import_in_a_function():
+    plain = {f"lightning_defense.victims.{m}" for m in ("classifier", "victim_file", "architectures", "feature_split")}
+    offenders = {
+        path: sorted(m for m in modules if m.startswith("lightning_defense.victims") and m not in plain)
+        for path, modules in package_imports("attacks").items()
+    }
+    assert {path: modules for path, modules in offenders.items() if modules} == {}
+    for folder in ("attacks", "victims"):  # a function-level import was how a cycle used to hide
+        assert {path: m for path, m in package_imports(folder, inside_functions=True).items() if m} == {}
+
+
+def test_the_boundary_checks_see_an_offending_import(tmp_path):  # the positive control
+    path = PACKAGE / "victims" / "classifier.py"
+    tree = ast.parse(
+        "from lightning_defense.attacks.badnets import BadNets\ndef f():\n    import lightning_defense.defenses"
+    )
+    assert imported_modules_of(tree, path) == {"lightning_defense.attacks.badnets", "lightning_defense.defenses"}
 
 
 @pytest.mark.parametrize(

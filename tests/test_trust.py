@@ -99,7 +99,7 @@ def test_a_checkpoint_of_another_class_is_refused(trained, tmp_path):
     result = lightning("validate", "--config", config, "--ckpt_path", str(other), cwd=tmp_path)
     one_clear_error(result, "was written by 'lightning_defense.defenses.refine.lightning_model.REFINE'")
     # the short name the CLI records and the full module path name the same class: accepted
-    same = _checkpoint_naming(tmp_path, last, "lightning_defense.victims.lightning_model.VictimTask")
+    same = _checkpoint_naming(tmp_path, last, "lightning_defense.training.victim_task.VictimTask")
     assert lightning("validate", "--config", config, "--ckpt_path", str(same), cwd=tmp_path).returncode == 0
 
 

@@ -21,6 +21,7 @@ from lightning_defense.errors import ConfigurationError
 from lightning_defense.io.safetensors_files import build_from_metadata
 from lightning_defense.io.shipped import resolve
 from lightning_defense.lazy import import_all
+from lightning_defense.victims.victim_file import read_victim_metadata
 
 LabelMode = Literal["all_to_one", "all_to_all"]
 
@@ -182,6 +183,9 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
     known = {f"{c.__module__}.{c.__qualname__}": c for c in subclasses(Attack) if not inspect.isabstract(c)}
     known |= {c.__qualname__: c for c in known.values()}
     class_path = config.get("class_path")
+    # a class's public path, or its module's before it moved (a victim file keeps the path it was written with)
+    if class_path not in known and str(class_path).startswith("lightning_defense.attacks."):
+        class_path = str(class_path).rpartition(".")[2]
     if class_path not in known:
         raise ConfigurationError(
             f"Unknown attack {class_path!r}; known attacks: {', '.join(sorted(c for c in known if '.' not in c))}."
@@ -193,8 +197,6 @@ def attack_of_victim(victim_file: str | Path) -> Attack | None:
     """The attack a victim file records (``None`` if it records none), rebuilt with
     :func:`attack_from_config`, with the files it reads looked up beside the victim file when their
     recorded paths are gone (:meth:`Attack.locate_files`)."""
-    from lightning_defense.victims import read_victim_metadata  # victims import attacks: no cycle at import
-
     metadata = read_victim_metadata(victim_file)
     if metadata is None or metadata.attack is None:
         return None

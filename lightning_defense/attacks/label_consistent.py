@@ -6,7 +6,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import (  # what Lightning re-exports, without Lightning
+    rank_zero_info,
+    rank_zero_warn,
+)
 from rich.progress import track
 from torch import Tensor, nn
 
@@ -14,7 +17,8 @@ from lightning_defense.attacks.adaptive_patch import corner_positions, paste_pat
 from lightning_defense.attacks.base import Attack, LabelMode, scaled_side, to_float, to_uint8
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 from lightning_defense.io.shipped import resolve
-from lightning_defense.victims import Classifier, load_victim, read_victim_metadata
+from lightning_defense.victims.classifier import Classifier
+from lightning_defense.victims.victim_file import load_victim, read_victim_metadata
 
 CLEAN_CONFIG = "configs/victims/cifar10_clean.yaml"
 SHIPPED_CLEAN = "checkpoints/cifar10_resnet20_clean.safetensors"

@@ -5,6 +5,9 @@ Every DataModule here decodes its images once into uint8 memory, can hold out a 
 given an :class:`~lightning_defense.attacks.Attack`, poisons its training set and builds the
 poisoned test set for the attack success rate. Validation and test loaders are
 ``[clean, poisoned]``; the poisoned one exists only with an attack.
+
+Its length: the base classes and one short subclass per data set, together so that the data
+sets can be compared at a glance.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ file is refused with that reason. facebookresearch/mae's ``mae_visualize_vit_bas
 spans the small image in 2.3-pixel cells, and the restoration is resized back. The "pretrain"
 checkpoints of the same repository are encoder-only, and those trained with ``norm_pix_loss``
 predict per-patch normalized pixels, which cannot be pasted into an image: neither can restore.
+
+Its length: the MAE, its training loss and its weights-only file in one place, the file a
+reader of BDMAE needs beside :mod:`.torch_model`.
 """
 
 from __future__ import annotations

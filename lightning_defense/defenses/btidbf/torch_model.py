@@ -22,6 +22,9 @@ Not in the paper: with ``replay_generators`` step 3 also sees the earlier rounds
 otherwise learns only against the newest G, which from round 2 on looks for what the last defense
 missed, so a purifier that removed the trigger in one round can forget it in the next
 (Blended with the paper's schedule: docs/results/btidbf_cifar10_cpu.md, row ``blended_p_paper``).
+
+Its length: the paper's three steps and both defense variants in one file, as for every method
+here (the schedule is in :mod:`.schedule`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 trigger, made by a trigger generator and a mask generator that are trained with the classifier.
 
 Unlike the other attacks, IAD is no fixed poisoned data set: the generators are trained together
-with the victim by :class:`~lightning_defense.victims.input_aware_trainer.InputAwareVictimTask`,
+with the victim by :class:`~lightning_defense.attacks.input_aware.lightning_model.InputAwareVictimTask`,
 which poisons each training batch with :meth:`InputAware.poison_training_batch` and writes the
 trained generators as a weights file next to the victim. The victim file's attack is then
 ``InputAware(generators_file=<that file>, generators_sha256=<its hash>)``, which poisons test images
@@ -16,6 +16,9 @@ images to the generators and blends in normalized space with a normalized patter
 affine per channel, so the same poisoned image is ``x + m * (p - x)`` in [0, 1] pixels, which
 is what is computed here (the generators normalize their input themselves, and the diversity
 losses measure distances between normalized images and patterns, as the official ones do).
+
+Its length: the paper's whole attack (two generators, their losses, the batch poisoning and the
+generators' file) in one file, as for every method here.
 """
 
 from __future__ import annotations

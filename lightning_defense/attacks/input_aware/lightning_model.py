@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_defense.attacks.base import LabelMode
-from lightning_defense.attacks.input_aware import (
+from lightning_defense.attacks.input_aware.torch_model import (
     InputAware,
     InputAwareGenerators,
     mask_pretraining_losses,
@@ -28,8 +28,8 @@ from lightning_defense.errors import ConfigurationError
 from lightning_defense.io.run_folder import run_folder
 from lightning_defense.io.safetensors_files import sha256
 from lightning_defense.training.optim import sgd_multistep
+from lightning_defense.training.victim_task import VictimTask
 from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
-from lightning_defense.victims.lightning_model import VictimTask
 
 
 def adam_multistep(
