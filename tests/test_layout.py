@@ -93,7 +93,7 @@ def test_attacks_import_only_the_plain_parts_of_victims_and_hide_no_import_in_a_
         assert {path: m for path, m in package_imports(folder, inside_functions=True).items() if m} == {}
 
 
-def test_the_boundary_checks_see_an_offending_import(tmp_path):  # the positive control
+def test_the_boundary_checks_see_an_offending_import():  # the positive control
     path = PACKAGE / "victims" / "classifier.py"
     tree = ast.parse(
         "from lightning_defense.attacks.badnets import BadNets\ndef f():\n    import lightning_defense.defenses"
