@@ -250,14 +250,7 @@ class BTIDBF(DefenseModule):
         if phase.name == "detect":
             self.target_votes += self.model.target_votes(images, phase.round).cpu()
             return
-        if phase.name == "pretrain":
-            losses = self.model.pretrain_loss(images)
-        elif phase.name == "mask":
-            losses = self.model.mask_loss(images, labels, phase.round)
-        elif phase.name == "generator":
-            losses = self.model.generator_loss(images, phase.round)
-        else:
-            losses = self.model.defense_loss(images, labels)
+        losses = self.model.phase_loss(phase, images, labels)
         optimizer = self.optimizers()[self._optimizer_index(phase.name)]
         optimizer.zero_grad()
         self.manual_backward(losses["loss"])
@@ -285,21 +278,26 @@ class BTIDBF(DefenseModule):
         if self.model.replay_generators and phase.name == "defense" and phase.last_epoch and not last_round:
             self.model.remember_generator()  # before ModelCheckpoint saves this epoch
         if phase.name == "detect":
-            votes = self.trainer.strategy.reduce(self.target_votes.to(self.device), reduce_op="sum").cpu()
-            if phase.round == 0:
-                self.model.detected_target.fill_(int(votes.argmax()))
-                rank_zero_info(
-                    f"BTI-DBF round 1: detected target class {int(votes.argmax())} "
-                    f"(votes per class on G(x): {votes.tolist()})"
-                )
-            else:  # from round 2 G is trained toward the detected class: its share is no new detection
-                detected = int(self.model.detected_target)
-                share = float(votes[detected] / votes.sum())
-                self.log("train/generated_on_target", share, on_step=False, on_epoch=True)
-                rank_zero_info(
-                    f"BTI-DBF round {phase.round + 1}: G(x) lands on the detected class {detected} for "
-                    f"{share:.1%} of images (votes per class: {votes.tolist()})"
-                )
+            self._count_votes(phase)
+
+    def _count_votes(self, phase: Phase) -> None:
+        """Round 1's vote detects the target; later rounds' only report G(x)'s share on it."""
+        votes = self.trainer.strategy.reduce(self.target_votes.to(self.device), reduce_op="sum").cpu()
+        if phase.round == 0:
+            self.model.detected_target.fill_(int(votes.argmax()))
+            rank_zero_info(
+                f"BTI-DBF round 1: detected target class {int(votes.argmax())} "
+                f"(votes per class on G(x): {votes.tolist()})"
+            )
+            return
+        # from round 2 G is trained toward the detected class: its share is no new detection
+        detected = int(self.model.detected_target)
+        share = float(votes[detected] / votes.sum())
+        self.log("train/generated_on_target", share, on_step=False, on_epoch=True)
+        rank_zero_info(
+            f"BTI-DBF round {phase.round + 1}: G(x) lands on the detected class {detected} for "
+            f"{share:.1%} of images (votes per class: {votes.tolist()})"
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         phase = self.phase

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_defense.defenses.btidbf.schedule import Phase
 from lightning_defense.defenses.components import TransformNet
 from lightning_defense.errors import ConfigurationError, check_non_negative
 from lightning_defense.victims.classifier import Classifier
@@ -275,6 +276,16 @@ class TriggerInversion(nn.Module):
             self.benign_weight,
             target,
         )
+
+    def phase_loss(self, phase: Phase, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The loss of a training phase (every phase but the vote, which trains nothing)."""
+        if phase.name == "pretrain":
+            return self.pretrain_loss(images)
+        if phase.name == "mask":
+            return self.mask_loss(images, labels, phase.round)
+        if phase.name == "generator":
+            return self.generator_loss(images, phase.round)
+        return self.defense_loss(images, labels)
 
     @torch.no_grad()
     def target_votes(self, images: Tensor, round_index: int) -> Tensor:
