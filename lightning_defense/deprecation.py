@@ -27,10 +27,13 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: ModuleSpec) -> ModuleType:
         warn_renamed(spec.name, self.moved[spec.name], stacklevel=4)
-        return importlib.import_module(self.moved[spec.name])
+        module = importlib.import_module(self.moved[spec.name])
+        spec.loader_state = module.__spec__  # the import system now gives the module this spec
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the module at the new path is already executed
+        # already executed at its new path: give it back its own spec
+        module.__spec__ = module.__spec__.loader_state
 
 
 def keep_moved_modules(moved: dict[str, str]) -> None:

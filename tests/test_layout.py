@@ -185,8 +185,10 @@ def test_the_modules_earlier_paths_import_the_moved_modules_with_a_warning():
         "from lightning_defense.evaluation import BackdoorMetrics\n"
         "import lightning_defense.metrics, lightning_defense.callbacks, lightning_defense.training.callbacks as new\n"
         "print(BackdoorMetrics is lightning_defense.metrics.BackdoorMetrics, lightning_defense.callbacks is new)\n"
+        "print(new.__spec__.name)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    warning, identities = done.stdout.strip().splitlines()
+    warning, identities, spec = done.stdout.strip().splitlines()
     assert warning.startswith("lightning_defense.callbacks is now lightning_defense.training.callbacks")
     assert identities == "True True"
+    assert spec == "lightning_defense.training.callbacks"  # the module keeps its own spec
