@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_defense.defenses.components import OutputActivation, TransformNet
-from lightning_defense.defenses.refine.torch_model import ClassificationLoss, surrogate_loss
+from lightning_defense.defenses.refine.torch_model import surrogate_loss
 from lightning_defense.defenses.reprogramming import ReprogrammingDefense
 from lightning_defense.victims import Classifier
 
@@ -46,6 +46,8 @@ class REFINE(ReprogrammingDefense):
             (not in the paper; see :class:`RefineModel`).
         lr, momentum, weight_decay, lr_milestones, lr_gamma: SGD with a step decay, when the config
             names no optimizer.
+
+    The arguments after ``residual`` are :class:`ReprogrammingDefense`'s, which T-MR shares.
     """
 
     def __init__(
@@ -56,42 +58,10 @@ class REFINE(ReprogrammingDefense):
         decoder_channels: Sequence[int] = (256, 128, 64, 32),
         output_activation: OutputActivation = "sigmoid",
         residual: bool = False,
-        use_permutation: bool = True,
-        permutation_seed: int = 0,
-        classification_loss: ClassificationLoss = "ce",
-        contrastive_weight: float = 0.1,
-        temperature: float = 0.07,
-        soft_label_temperature: float = 4.0,
-        encoder_head_weight: float = 0.0,
-        labelled_augmentations: Sequence[nn.Module] = (),
-        augment: bool = True,
-        corruptions: Sequence[nn.Module] = (),
-        consistency_weight: float = 0.0,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        lr_milestones: Sequence[int] = (100, 130),
-        lr_gamma: float = 0.8,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            victim,
-            use_permutation=use_permutation,
-            permutation_seed=permutation_seed,
-            classification_loss=classification_loss,
-            contrastive_weight=contrastive_weight,
-            temperature=temperature,
-            soft_label_temperature=soft_label_temperature,
-            encoder_head_weight=encoder_head_weight,
-            labelled_augmentations=labelled_augmentations,
-            augment=augment,
-            corruptions=corruptions,
-            consistency_weight=consistency_weight,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_milestones=lr_milestones,
-            lr_gamma=lr_gamma,
-        )
+        # the loss, data and optimizer settings are the base's, with the same defaults
+        super().__init__(victim, **kwargs)
 
     def build_transform_net(self, num_classes: int) -> nn.Module:
         """T: the UNet of the settings, with an encoder head where it is trained."""
