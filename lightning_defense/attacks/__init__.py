@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from lightning_defense.attacks.input_aware import InputAware
     from lightning_defense.attacks.label_consistent import LabelConsistent
     from lightning_defense.attacks.physical import PhysicalBA
+    from lightning_defense.attacks.refine_adaptive import RefineAdaptiveVictimTask, RefineSimulation
     from lightning_defense.attacks.transforms import BATT, SIG, BppAttack
     from lightning_defense.attacks.wanet import WaNet
 
@@ -27,6 +28,8 @@ __all__ = [
     "LabelConsistent",
     "LabelMode",
     "PhysicalBA",
+    "RefineAdaptiveVictimTask",
+    "RefineSimulation",
     "WaNet",
     "attack_from_config",
     "attack_of_victim",
