@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import json
 import os
 import pickle
 import re
@@ -459,7 +460,8 @@ EPILOG = (
     "More subcommands: `study` runs the auxiliary-data study grid (`lightning study --help`); `wrap` turns a "
     "third party's weights into a victim file (`lightning wrap --help`); `shipped` lists the victims and "
     "(`--configs`) the configs that ship with the package, which `--config <name>` finds from any folder "
-    "(e.g. `--config refine`). `--version` prints the versions."
+    "(e.g. `--config refine`); `features` is `validate` drawing the penultimate features of clean and "
+    "poisoned test images (t-SNE, `lightning features --help`). `--version` prints the versions."
 )
 
 
@@ -509,12 +511,45 @@ def _run(args: list[str] | None) -> None:
 
         study(argv[1:])
         return
+    if argv[:1] == ["features"]:  # `validate` with a FeatureView: the feature view of a victim or defense
+        argv = features_command(argv[1:])
+        if args is None:
+            sys.argv[1:] = argv
+        else:
+            args = argv
     if argv[:1] == ["wrap"]:  # a third party's weights into a victim file (lightning_defense.victims.wrap)
         from lightning_defense.victims.wrap import main as wrap
 
         wrap(argv[1:])
         return
     build_cli(args)
+
+
+FEATURES_HELP = (
+    "usage: lightning features --config CONFIG [--ckpt_path CKPT] [--num_images N] [--method {tsne,pca}] "
+    "[any option of `lightning validate`]\n\n"
+    "`lightning validate` with a FeatureView callback: embeds the penultimate features of clean and poisoned "
+    "test images (for a defense: the victim's beside the defended model's) and writes "
+    "features/validate_<method>.png in the run folder. --num_images: images from each test set (500); "
+    "--method: tsne (default) or pca. Give the trained defense's checkpoint with --ckpt_path."
+)
+
+
+def features_command(argv: list[str]) -> list[str]:
+    """``lightning features ...`` as the ``validate`` command it stands for."""
+    import argparse
+
+    if argv[:1] in (["--help"], ["-h"]):
+        print(FEATURES_HELP)
+        raise SystemExit(0)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--num_images", type=int, default=500)
+    parser.add_argument("--method", default="tsne")
+    view, rest = parser.parse_known_args(argv)
+    if view.method not in ("tsne", "pca"):  # said here: the parser's message for a callback's Literal is obscure
+        raise ConfigurationError(f"--method must be 'tsne' or 'pca', got {view.method!r}.")
+    callback = {"class_path": "FeatureView", "init_args": {"num_images": view.num_images, "method": view.method}}
+    return ["validate", *rest, f"--trainer.callbacks+={json.dumps(callback)}"]
 
 
 def build_cli(args: list[str] | None, run: bool = True) -> DefenseCLI:

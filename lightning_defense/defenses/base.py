@@ -56,6 +56,13 @@ class DefenseModule(LightningModule):
         """Logits of the defended model for [0, 1] images."""
         return self.model(images)
 
+    def answering_classifier(self) -> Classifier:
+        """The classifier that answers last in the defended model: the repaired copy for defenses
+        that fine-tune one (``model.repaired``), else the victim behind whatever the defense does to
+        its input. Its penultimate features are the defended model's (feature views)."""
+        repaired = getattr(self.model, "repaired", None)
+        return repaired if isinstance(repaired, Classifier) else self.victim
+
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         check_class_count(datamodule, self.victim.num_classes, "the victim", "Use the victim's data set.")

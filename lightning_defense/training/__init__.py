@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from lightning_defense.training.callbacks import (
         EpochMetricsFile,
         EpochSummary,
+        FeatureView,
         PredictionWriter,
         RandomStateCheckpoint,
         StopOnNonFiniteLoss,
@@ -23,6 +24,7 @@ __all__ = [
     "DefenseTrainer",
     "EpochMetricsFile",
     "EpochSummary",
+    "FeatureView",
     "PredictionWriter",
     "RandomStateCheckpoint",
     "StopOnNonFiniteLoss",

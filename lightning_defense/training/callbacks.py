@@ -17,7 +17,14 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_defense.errors import TrainingDivergedError
+from lightning_defense.analysis.feature_views import (
+    EmbeddingMethod,
+    FeatureSet,
+    embed,
+    feature_figure,
+    penultimate_features,
+)
+from lightning_defense.errors import ConfigurationError, TrainingDivergedError
 from lightning_defense.io.run_folder import run_folder
 
 # a figure row: its label, [0, 1] images, and one title per image
@@ -241,6 +248,86 @@ class TransformGrid(Callback):
         for logger in trainer.loggers:
             log_figure(logger, "transforms", figure, trainer.global_step)
         plt.close(figure)
+
+
+class FeatureView(Callback):
+    """A figure of the penultimate features of clean and poisoned test images embedded in two
+    dimensions (:mod:`lightning_defense.analysis.feature_views`): for a defense, the victim's
+    beside the defended model's; for a victim being trained, its own. Drawn at the end of
+    ``fit``, ``validate`` and ``test`` (``lightning features`` is ``validate`` with this callback),
+    saved as ``features/<stage>_<method>.png`` in the run folder and sent to the loggers under
+    ``features``. The module names the classifier whose features are read with
+    ``answering_classifier()``.
+
+    Args:
+        num_images: images drawn from each test set (clean, poisoned), evenly spaced through it.
+        method: ``tsne`` (scikit-learn's t-SNE) or ``pca``.
+        seed: of the embedding.
+    """
+
+    def __init__(self, num_images: int = 500, method: EmbeddingMethod = "tsne", seed: int = 0) -> None:
+        if num_images < 4:
+            raise ConfigurationError(f"num_images must be at least 4 for an embedding, got {num_images}.")
+        if method not in ("tsne", "pca"):
+            raise ConfigurationError(f"method must be 'tsne' or 'pca', got {method!r}.")
+        self.num_images, self.method, self.seed = num_images, method, seed
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.draw(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "validate":  # not the validations inside fit
+            self.draw(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.draw(trainer, pl_module, "test")
+
+    @torch.no_grad()
+    def draw(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        folder = run_folder(trainer) / "features"  # on every rank: it is a collective under DDP
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        clean, poisoned = datamodule.test_set, getattr(datamodule, "poisoned_test_set", None)
+        if poisoned is None:
+            rank_zero_warn("FeatureView draws nothing: the data has no poisoned test set (no attack).")
+            return
+        picked = [dataset_sample(dataset, self.num_images) for dataset in (clean, poisoned)]
+        name, answering = type(pl_module).__name__, pl_module.answering_classifier()
+        models = [(name, pl_module, answering.linear_layer)]
+        victim = getattr(pl_module, "victim", None)
+        if victim is not None:  # a defense: the victim beside the defended model
+            models = [
+                ("victim", victim, victim.linear_layer),
+                (f"defended ({name})", pl_module, answering.linear_layer),
+            ]
+        was_training = pl_module.training
+        pl_module.eval()
+        panels = []
+        for title, model, layer in models:
+            features = [penultimate_features(model, layer, images) for images, _ in picked]
+            points = embed(torch.cat(features), self.method, self.seed)
+            count = len(features[0])
+            panels.append(FeatureSet(title, points[:count], picked[0][1].numpy(), points[count:]))
+        pl_module.train(was_training)
+        figure = feature_figure(panels)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stage}_{self.method}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        for logger in trainer.loggers:
+            log_figure(logger, "features", figure, trainer.global_step)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        rank_zero_info(f"Feature view written to {path}")
+
+
+def dataset_sample(dataset: Any, count: int) -> tuple[Tensor, Tensor]:
+    """``count`` images evenly spaced through ``dataset`` (its sets are sorted by class) and their
+    true classes."""
+    spread = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).long()
+    labels = dataset.true_labels if getattr(dataset, "true_labels", None) is not None else dataset.labels
+    return dataset.images[spread], labels[spread]
 
 
 def log_figure(logger: Logger, key: str, figure: Any, step: int) -> None:

@@ -84,6 +84,10 @@ class VictimTask(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.classifier(images)
 
+    def answering_classifier(self) -> Classifier:
+        """The classifier being trained (feature views read its penultimate features)."""
+        return self.classifier
+
     def setup(self, stage: str) -> None:
         given = self.hparams.channels_last
         self.channels_last = uses_channels_last(self.trainer) if given is None else given
