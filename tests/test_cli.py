@@ -181,6 +181,7 @@ LAYER_BASES = {
     "bdmae": "bdmae.yaml",
     "tmr": "tmr.yaml",
     "shrinkpad": "shrinkpad.yaml",
+    "neural_cleanse": "neural_cleanse.yaml",
     "tinyimagenet": "refine.yaml",
 }
 

@@ -117,6 +117,7 @@ DEFENSES = {
     "btidbf_u": ("BTIDBFUnlearning", "repaired_victim.safetensors"),
     "ft": ("FineTune", "repaired_victim.safetensors"),
     "fst": ("FeatureShiftTune", "repaired_victim.safetensors"),
+    "neural_cleanse": ("NeuralCleanse", "repaired_victim.safetensors"),
 }
 
 
@@ -133,6 +134,8 @@ def test_each_labeled_defense_trains_under_ddp_and_writes_its_export_once(name, 
     if class_name.startswith("BTIDBF"):  # manual optimization, one optimizer per part
         model |= {"rounds": 1, "mask_epochs": 1, "generator_epochs": 1, "defense_epochs": 1}
         model |= {"encoder_depth": 3, "decoder_channels": [16, 8, 4]}
+    if class_name == "NeuralCleanse":  # each step's window closes: λ moves by the counts of both processes
+        model |= {"inversion_epochs": 1, "cost_patience": 1, "image_size": [32, 32]}
     source = {"train_per_class": 8, "test_per_class": 4, "reserved_fraction": 0.5}
     config = {
         "seed_everything": 0,

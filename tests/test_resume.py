@@ -57,6 +57,14 @@ def finetune(tmp_path: Path) -> dict:
     return {"model": model, "data": data}
 
 
+def neural_cleanse(tmp_path: Path) -> dict:
+    parts = finetune(tmp_path)  # labelled reserved data, augmented
+    # threshold 0 flags the smallest mask: the run crosses from inversion to unlearning at epoch 2
+    settings = {"inversion_epochs": 2, "anomaly_threshold": 0.0, "cost_patience": 1, "image_size": [32, 32]}
+    parts["model"] = {"class_path": "NeuralCleanse", "init_args": {**parts["model"]["init_args"], **settings}}
+    return parts
+
+
 def write_config(tmp_path: Path, name: str, parts: dict) -> Path:
     config = {
         "seed_everything": 0,
@@ -89,7 +97,9 @@ def final_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "make", [victim_trainer, refine, btidbf, finetune], ids=["victim_trainer", "refine", "btidbf_u", "finetune"]
+    "make",
+    [victim_trainer, refine, btidbf, finetune, neural_cleanse],
+    ids=["victim_trainer", "refine", "btidbf_u", "finetune", "neural_cleanse"],
 )
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_never_interrupted(make, tmp_path):
     parts = make(tmp_path)

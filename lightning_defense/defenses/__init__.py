@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from lightning_defense.defenses.btidbf import BTIDBFPurification, BTIDBFUnlearning
     from lightning_defense.defenses.components import export_program, load_defended
     from lightning_defense.defenses.finetune import FeatureShiftTune, FineTune
+    from lightning_defense.defenses.neural_cleanse import NeuralCleanse
     from lightning_defense.defenses.refine import REFINE, BlackBoxREFINE
     from lightning_defense.defenses.shrinkpad import ShrinkPad
     from lightning_defense.defenses.tmr import TMR
@@ -25,6 +26,7 @@ __all__ = [
     "FeatureShiftTune",
     "FineTune",
     "MAETask",
+    "NeuralCleanse",
     "ShrinkPad",
     "TMR",
     "export_program",
