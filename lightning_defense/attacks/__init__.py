@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_defense.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from lightning_defense.attacks.adaptive_blend import AdaptiveBlend
     from lightning_defense.attacks.adaptive_patch import AdaptivePatch
     from lightning_defense.attacks.badnets import BadNets
     from lightning_defense.attacks.base import Attack, LabelMode, attack_from_config, attack_of_victim
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATT",
     "SIG",
+    "AdaptiveBlend",
     "AdaptivePatch",
     "Attack",
     "BadNets",

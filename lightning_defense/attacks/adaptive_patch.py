@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_defense.attacks.base import Attack, LabelMode, to_float, to_uint8
+from lightning_defense.attacks.base import LabelMode
+from lightning_defense.attacks.cover import CoveredAttack
 from lightning_defense.errors import ConfigurationError
 
 
@@ -27,7 +28,7 @@ def paste_patch(images: Tensor, pattern: Tensor, position: tuple[int, int], alph
     return images
 
 
-class AdaptivePatch(Attack):
+class AdaptivePatch(CoveredAttack):
     """Adaptive-Patch (Qi et al., "Revisiting the assumption of latent separability for backdoor
     defenses", ICLR 2023; the preprint's title: "Circumventing backdoor defenses that are based on
     latent separability"), a dirty-label attack built to defeat defenses that separate poisoned
@@ -74,7 +75,7 @@ class AdaptivePatch(Attack):
         test_alpha: float = 1.0,
         test_patches: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(target, poison_rate, label_mode, seed)
+        super().__init__(target, poison_rate, label_mode, seed, cover_rate)
         patch_sizes, train_alphas = tuple(patch_sizes), tuple(train_alphas)
         count = len(patch_sizes)
         if count == 0 or any(size < 1 for size in patch_sizes):
@@ -92,16 +93,10 @@ class AdaptivePatch(Attack):
             raise ConfigurationError(
                 f"train_alphas and test_alpha must be in (0, 1], got {list(train_alphas)} and {test_alpha}."
             )
-        if not 0 <= cover_rate < 1 or poison_rate + cover_rate > 1:
-            raise ConfigurationError(
-                f"cover_rate must be in [0, 1) and poison_rate + cover_rate <= 1, got {cover_rate} with "
-                f"poison_rate {poison_rate}."
-            )
         if test_patches is not None and (not test_patches or not all(0 <= i < count for i in test_patches)):
             raise ConfigurationError(
                 f"test_patches must name at least one patch in 0..{count - 1}, got {list(test_patches)}."
             )
-        self.cover_rate = cover_rate
         self.patch_sizes = patch_sizes
         self.positions = tuple(tuple(p) for p in positions) if positions is not None else None
         self.train_alphas = train_alphas
@@ -140,7 +135,7 @@ class AdaptivePatch(Attack):
             paste_patch(out, self.patterns[index], positions[index], self.test_alpha)
         return out
 
-    def apply_training(self, images: Tensor) -> Tensor:
+    def apply_training(self, images: Tensor, draw: int = 0) -> Tensor:
         """The training-time triggers: the batch split into equal consecutive groups, group i
         carrying trigger i alone at ``train_alphas[i]``."""
         positions = self.patch_positions(*images.shape[-2:])
@@ -148,13 +143,3 @@ class AdaptivePatch(Attack):
         for index, group in enumerate(out.tensor_split(len(self.patterns))):  # views: pasting writes into out
             paste_patch(group, self.patterns[index], positions[index], self.train_alphas[index])
         return out
-
-    def poison_training_set(self, images: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
-        clean = images
-        images, labels, poisoned = super().poison_training_set(images, labels, num_classes)
-        cover = self._after_poisoned(len(images), len(poisoned), round(self.cover_rate * len(images)))
-        # training images carry one weak trigger each, not the test-time trigger the base class stamped
-        for indices in (poisoned, cover):
-            if len(indices):
-                images[indices] = to_uint8(self.apply_training(to_float(clean[indices])))
-        return images, labels, poisoned

@@ -11,6 +11,20 @@ from lightning_defense.attacks.base import Attack, LabelMode
 from lightning_defense.errors import ConfigurationError, InputNotFoundError
 
 
+def blend_pattern(pattern_path: str | None, generator: torch.Generator, height: int, width: int) -> Tensor:
+    """A blend trigger, float CHW in [0, 1]: the image at ``pattern_path`` resized to the data's
+    size, or, without one, uniform noise drawn from ``generator``."""
+    if pattern_path is None:
+        return torch.rand(3, height, width, generator=generator)
+    image = decode_image(pattern_path, mode=ImageReadMode.RGB)
+    return TF.resize(image, [height, width], antialias=True).float() / 255
+
+
+def check_pattern_path(pattern_path: str | None) -> None:
+    if pattern_path is not None and not Path(pattern_path).is_file():
+        raise InputNotFoundError(f"Blend pattern image {pattern_path!r} does not exist.")
+
+
 class Blended(Attack):
     """Blended (Chen et al., 2017): x' = (1 - alpha) x + alpha t for a fixed pattern t.
 
@@ -32,17 +46,13 @@ class Blended(Attack):
         super().__init__(target, poison_rate, label_mode, seed)
         if not 0 < alpha <= 1:
             raise ConfigurationError(f"alpha must be in (0, 1], got {alpha}.")
-        if pattern_path is not None and not Path(pattern_path).is_file():
-            raise InputNotFoundError(f"Blended pattern image {pattern_path!r} does not exist.")
+        check_pattern_path(pattern_path)
         self.alpha = alpha
         self.pattern_path = pattern_path
 
     def pattern(self, height: int, width: int) -> Tensor:
         """The trigger t for images of this size, float CHW in [0, 1]."""
-        if self.pattern_path is None:
-            return torch.rand(3, height, width, generator=self._generator(1))
-        image = decode_image(self.pattern_path, mode=ImageReadMode.RGB)
-        return TF.resize(image, [height, width], antialias=True).float() / 255
+        return blend_pattern(self.pattern_path, self._generator(1), height, width)
 
     def apply(self, images: Tensor) -> Tensor:
         pattern = self.pattern(*images.shape[-2:]).to(images)
