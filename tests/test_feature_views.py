@@ -81,3 +81,15 @@ def test_a_victim_being_trained_gets_its_view_at_the_end_of_fit(tmp_path, monkey
     path.write_text(yaml.safe_dump(config))
     main(["fit", "--config", str(path), "--trainer.enable_progress_bar", "false"])
     assert (tmp_path / "runs" / "tiny" / "version_0" / "features" / "fit_pca.png").stat().st_size > 0
+
+
+def test_without_a_poisoned_test_set_the_view_warns_and_draws_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    config = yaml.safe_load(tiny_config(tmp_path, attack=None).read_text())
+    config["trainer"]["callbacks"] = [{"class_path": "FeatureView", "init_args": {"num_images": 16, "method": "pca"}}]
+    path = tmp_path / "clean.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.warns(UserWarning, match="FeatureView draws nothing"):
+        main(["fit", "--config", str(path), "--trainer.enable_progress_bar", "false"])
+    assert not list((tmp_path / "runs").rglob("features"))

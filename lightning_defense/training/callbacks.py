@@ -288,9 +288,12 @@ class FeatureView(Callback):
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        clean, poisoned = datamodule.test_set, getattr(datamodule, "poisoned_test_set", None)
-        if poisoned is None:
-            rank_zero_warn("FeatureView draws nothing: the data has no poisoned test set (no attack).")
+        clean, poisoned = getattr(datamodule, "test_set", None), getattr(datamodule, "poisoned_test_set", None)
+        if clean is None or poisoned is None:
+            rank_zero_warn(
+                "FeatureView draws nothing: it needs a data module with a clean and a poisoned test set "
+                "(this project's, with an attack or a victim file that records one)."
+            )
             return
         picked = [dataset_sample(dataset, self.num_images) for dataset in (clean, poisoned)]
         name, answering = type(pl_module).__name__, pl_module.answering_classifier()
