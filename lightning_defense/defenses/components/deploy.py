@@ -11,10 +11,12 @@ path and SHA-256 (its weights are the third party's, not ours to copy), and chec
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.optimization import fuse
 
 from lightning_defense.defenses.components.label_permutation import LabelPermutation
 from lightning_defense.defenses.components.reprogramming import ReprogrammedClassifier
@@ -90,15 +92,36 @@ def load_defended(path: str | Path, victim_path: str | Path | None = None) -> Re
     return ReprogrammedClassifier(victim, transform_net, label_permutation).eval()
 
 
-def export_program(model: ReprogrammedClassifier, path: str | Path, image_size: tuple[int, int] = (32, 32)) -> Path:
+@torch.no_grad()
+def fold_for_inference(model: ReprogrammedClassifier) -> ReprogrammedClassifier:
+    """A copy of M(F(T(x))) that computes the same function with less work, for inference only:
+    M is folded into F's last linear layer (its rows permuted, M then the identity) and every
+    BatchNorm of T and F into the convolution before it (``torch.fx``'s conv-BN fusion, eval
+    statistics). Both folds are exact up to float rounding; the model itself is left untouched."""
+    folded = copy.deepcopy(model).eval()
+    head = folded.victim.linear_layer
+    permutation = folded.label_permutation.permutation.to(head.weight.device)
+    head.weight.copy_(head.weight[permutation])
+    head.bias.copy_(head.bias[permutation])
+    folded.label_permutation.permutation.copy_(torch.arange(len(permutation)))
+    folded.victim.network = fuse(folded.victim.network)
+    folded.victim._split = None  # the traced split belongs to the unfused network
+    if isinstance(folded.transform_net, TransformNet):
+        folded.transform_net.unet = fuse(folded.transform_net.unet)
+    return folded
+
+
+def export_program(
+    model: ReprogrammedClassifier, path: str | Path, image_size: tuple[int, int] = (32, 32), fold: bool = True
+) -> Path:
     """M(F(T(x))) as one ``torch.export`` program (``.pt2``, any batch size) for runtimes without
-    this package: ``torch.export.load(path).module()(images)``. Unlike the safetensors export it
-    embeds the victim's weights, so it is yours to keep, not to share as the victim's owner's."""
+    this package: ``torch.export.load(path).module()(images)``; with ``fold`` (default) the
+    program is :func:`fold_for_inference`'s. Unlike the safetensors export it embeds the victim's
+    weights, so it is yours to keep, not to share as the victim's owner's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model = fold_for_inference(model) if fold else model.eval()
     example = torch.rand(2, 3, *image_size, device=next(model.parameters()).device)
-    program = torch.export.export(
-        model.eval(), (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}
-    )
+    program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
     torch.export.save(program, path)
     return path
