@@ -77,6 +77,13 @@ def row_commands(
     return commands
 
 
+def ran(name: str, planned: list[str], out: Path) -> str:
+    """The command a row last ran with (``logs/<name>.argv.json``): a summary made later, or with
+    other extra arguments, records what ran, not what this call would run."""
+    started = out / "logs" / f"{name}.argv.json"
+    return shlex.join(["lightning", *json.loads(started.read_text())] if started.is_file() else planned)
+
+
 def table(results: list[dict]) -> str:
     keys = ["val/victim_ba", "val/victim_asr", *(f"val/{m}" for m in REPORTED), "val/inner_asr_any"]
     header = (
@@ -206,7 +213,9 @@ def main() -> None:
             list(pool.map(lambda item: run_logged(item[0], item[1][1:], args.out, env, tag="sweep"), commands.items()))
         sweep_wall_s = time.monotonic() - start
     here = machine()
-    measured = {name: {**summarize(name, shlex.join(cmd), args.out), "machine": here} for name, cmd in commands.items()}
+    measured = {
+        name: {**summarize(name, ran(name, cmd, args.out), args.out), "machine": here} for name, cmd in commands.items()
+    }
     results = [kept.get(name) or measured[name] for name in planned if name in kept or name in measured]
     summary = {
         "machine": here,

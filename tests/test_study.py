@@ -180,6 +180,8 @@ def test_an_interrupted_row_resumes_only_under_the_command_that_started_it(tmp_p
     (checkpoints / "last.ckpt").write_bytes(b"")  # the first attempt got as far as a checkpoint
     study_module.run_logged("row", ["fit", "--config", "a.yaml"], tmp_path)
     assert commands[-1][-2:] == ["--ckpt_path", "last"]  # same command: resumed
+    study_module.run_logged("row", ["fit", "--config", "a.yaml", "--trainer.max_time", "00:00:05:00"], tmp_path)
+    assert commands[-1][-2:] == ["--ckpt_path", "last"]  # another time budget is the same experiment
     study_module.run_logged("row", ["fit", "--config", "b.yaml"], tmp_path)
     assert "--ckpt_path" not in commands[-1]  # another command: a fresh start ...
     assert (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from sweep import row_commands, seed_rows  # noqa: E402
+from sweep import ran, row_commands, seed_rows  # noqa: E402
 
 
 def test_every_row_runs_once_per_seed_with_that_seed(tmp_path):
@@ -63,3 +63,11 @@ def test_rows_kept_from_an_earlier_sweep_join_the_table_with_their_machine_and_a
     assert summary["rows"][0]["machine"] == {"cpu": "earlier box"}  # each kept row keeps its own machine
     assert summary["rows"][2]["machine"] == summary["machine"] != {"cpu": "earlier box"}
     assert "72.00 ± 2.00" in (tmp_path / "out" / "summary.md").read_text()  # mean over kept and new seeds
+
+
+def test_a_summary_records_the_command_a_row_ran_with_not_the_one_planned_now(tmp_path):
+    planned = ["lightning", "fit", "--config", "a.yaml"]
+    assert ran("row", planned, tmp_path) == "lightning fit --config a.yaml"  # never started: the plan
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "row.argv.json").write_text('["fit", "--config", "a.yaml", "--model.init_args.victim", "v"]')
+    assert ran("row", planned, tmp_path) == "lightning fit --config a.yaml --model.init_args.victim v"

@@ -46,14 +46,32 @@ def supersede(out: Path, name: str) -> None:
         (out / "logs" / f"{name}{suffix}").unlink(missing_ok=True)
 
 
+#: options that bound how long a run may take, not what it computes: a resumed run may set another
+BUDGET_OPTIONS = ("--trainer.max_time",)
+
+
+def experiment(argv: list[str]) -> list[str]:
+    """``argv`` without the options of :data:`BUDGET_OPTIONS` (and their values)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in BUDGET_OPTIONS:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in BUDGET_OPTIONS)):
+            kept.append(arg)
+    return kept
+
+
 def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None = None, tag: str = "study") -> int:
     """Run ``lightning <argv>`` with its output in ``<out>/logs/<name>.log``; skipped when a
     previous run of ``name`` finished (``<out>/logs/<name>.time`` holds its wall seconds).
 
     A ``fit`` that was interrupted (a ``last*.ckpt`` under ``<out>/runs/<name>/``, no ``.time``)
     resumes from it with ``--ckpt_path last``, its output appended to the log, when its command is
-    the one that started it (``logs/<name>.argv.json``); another command starts afresh, the old
-    attempt set aside (:func:`supersede`). The wall time is summed over the attempts:
+    the one that started it (``logs/<name>.argv.json``; a time budget such as ``--trainer.max_time``
+    may differ, so a second lease of a machine continues the first); another command starts afresh,
+    the old attempt set aside (:func:`supersede`). The wall time is summed over the attempts:
     ``logs/<name>.elapsed`` is brought up to date while a run goes, so a killed attempt's time
     still counts.
     """
@@ -63,7 +81,7 @@ def run_logged(name: str, argv: list[str], out: Path, env: dict[str, str] | None
     if timing.is_file():
         print(f"[{tag}] {name}: done before, skipped", flush=True)
         return 0
-    if started.is_file() and json.loads(started.read_text()) != argv:
+    if started.is_file() and experiment(json.loads(started.read_text())) != experiment(argv):
         print(f"[{tag}] {name}: its command changed; the earlier attempt is set aside", flush=True)
         supersede(out, name)
     started.write_text(json.dumps(argv))
