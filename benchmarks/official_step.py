@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side and round")
     parser.add_argument("--epoch-images", type=int, default=0, help="also time an epoch of this many images")
+    parser.add_argument("--epoch-rounds", type=int, default=3, help="interleaved epochs per side")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the official data path")
     parser.add_argument("--compile", action="store_true", help="add this project's step under torch.compile")
     parser.add_argument("--out", type=Path)
@@ -245,13 +246,15 @@ def main() -> None:
         ours = ImageTensorDataset(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.zeros(len(pixels)))
         our_loader = DataLoader(ours, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True)
         name_auto = next(n for n in sides if n.startswith("project auto"))
-        official_s = epoch_seconds(sides["official (fp32)"], official_loader)
-        ours_s = epoch_seconds(sides[name_auto], our_loader, BatchAugmentation())
+        official_s, ours_s = [], []
+        for _ in range(args.epoch_rounds):  # interleaved, as the steps
+            official_s.append(epoch_seconds(sides["official (fp32)"], official_loader))
+            ours_s.append(epoch_seconds(sides[name_auto], our_loader, BatchAugmentation()))
         result["epoch"] = {
             "images": args.epoch_images,
-            "official_s": official_s,
-            "project_auto_s": ours_s,
-            "ratio": official_s / ours_s,
+            "official_s": statistics.median(official_s),
+            "project_auto_s": statistics.median(ours_s),
+            "ratio": statistics.median(o / p for o, p in zip(official_s, ours_s, strict=True)),
         }
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     if args.out:
