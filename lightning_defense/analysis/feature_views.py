@@ -72,16 +72,19 @@ def embed(features: Tensor, method: EmbeddingMethod = "tsne", seed: int = 0) -> 
 
 @dataclass
 class FeatureSet:
-    """One panel: the embedded points of clean images (by true class) and of poisoned images."""
+    """One panel: the embedded points of clean and of poisoned images, with their true classes."""
 
     title: str
     clean: np.ndarray
     clean_labels: np.ndarray
     poisoned: np.ndarray
+    poisoned_labels: np.ndarray
 
 
 def feature_figure(panels: Sequence[FeatureSet], class_names: Sequence[str] | None = None) -> Figure:
-    """Clean images as dots coloured by class, poisoned ones as black crosses, a panel each."""
+    """Clean images as dots and poisoned ones as crosses, both coloured by their true class, a panel
+    each: a backdoor shows as a cluster of crosses of every colour, a removed one as crosses among
+    the dots of their own colour."""
     try:
         import matplotlib
 
@@ -90,13 +93,16 @@ def feature_figure(panels: Sequence[FeatureSet], class_names: Sequence[str] | No
     except ImportError as err:
         raise ConfigurationError(f"Feature views need matplotlib: {ANALYSIS_MISSING}.") from err
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
-    colours = plt.get_cmap("tab10" if max(int(p.clean_labels.max()) for p in panels) < 10 else "tab20")
+    classes = max(int(max(p.clean_labels.max(), p.poisoned_labels.max(initial=0))) for p in panels)
+    colours = plt.get_cmap("tab10" if classes < 10 else "tab20")
     for ax, panel in zip(axes[0], panels, strict=True):
         for label in np.unique(panel.clean_labels):
             points = panel.clean[panel.clean_labels == label]
             name = class_names[label] if class_names is not None else str(label)
             ax.scatter(points[:, 0], points[:, 1], s=4, color=colours(int(label) % colours.N), label=name)
-        ax.scatter(panel.poisoned[:, 0], panel.poisoned[:, 1], s=9, marker="x", color="black", label="poisoned")
+        crosses = [colours(int(label) % colours.N) for label in panel.poisoned_labels]
+        ax.scatter(panel.poisoned[:, 0], panel.poisoned[:, 1], s=10, marker="x", c=crosses, linewidths=0.8)
+        ax.scatter([], [], s=10, marker="x", color="black", label="poisoned")  # the legend's entry
         ax.set_title(panel.title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -311,7 +311,7 @@ class FeatureView(Callback):
             features = [penultimate_features(model, layer, images) for images, _ in picked]
             points = embed(torch.cat(features), self.method, self.seed)
             count = len(features[0])
-            panels.append(FeatureSet(title, points[:count], picked[0][1].numpy(), points[count:]))
+            panels.append(FeatureSet(title, points[:count], picked[0][1].numpy(), points[count:], picked[1][1].numpy()))
         pl_module.train(was_training)
         figure = feature_figure(panels)
         folder.mkdir(parents=True, exist_ok=True)
