@@ -64,6 +64,12 @@ class Classifier(nn.Module):
             self._split = feature_split(self.network, self.feature_node)
         return self._split
 
+    def replace_network(self, network: nn.Module) -> None:
+        """Swap in a network that computes the same function (e.g. BatchNorm folded into its
+        convolutions); the split is traced again from it when next asked for."""
+        self.network = network
+        self._split = None
+
     def _apply(self, fn, recurse: bool = True):  # .to(), .half(), .cuda() ...
         self._split = None
         return super()._apply(fn, recurse)

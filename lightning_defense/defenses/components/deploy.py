@@ -104,8 +104,7 @@ def fold_for_inference(model: ReprogrammedClassifier) -> ReprogrammedClassifier:
     head.weight.copy_(head.weight[permutation])
     head.bias.copy_(head.bias[permutation])
     folded.label_permutation.permutation.copy_(torch.arange(len(permutation)))
-    folded.victim.network = fuse(folded.victim.network)
-    folded.victim._split = None  # the traced split belongs to the unfused network
+    folded.victim.replace_network(fuse(folded.victim.network))
     if isinstance(folded.transform_net, TransformNet):
         folded.transform_net.unet = fuse(folded.transform_net.unet)
     return folded
