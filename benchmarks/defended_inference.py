@@ -20,14 +20,13 @@ import argparse
 import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from machine_info import machine
+from machine_info import invocation, machine
 
 from lightning_defense.defenses.components import fold_for_inference
 from lightning_defense.defenses.refine import REFINE
@@ -121,7 +120,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    result = {"machine": machine(), "argv": ["benchmarks/defended_inference.py", *sys.argv[1:]], "precision": precision}
+    result = {"machine": machine(), "argv": invocation(), "precision": precision}
     result["rows"] = rows
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,3 +30,21 @@ def machine() -> dict[str, str | int]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def invocation() -> list[str]:
+    """The command line as it would run from the repository root: this script's path and every
+    argument that names an existing file or folder, made relative to the root (so a run started
+    from another folder records a command that works from the root)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def from_root(arg: str) -> str:
+        path = Path(arg)
+        if arg.startswith("-") or not path.exists():
+            return arg
+        resolved = path.resolve()
+        return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else arg
+
+    return [from_root(sys.argv[0]), *(from_root(a) for a in sys.argv[1:])]

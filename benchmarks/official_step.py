@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from machine_info import machine
+from machine_info import invocation, machine
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -231,7 +231,7 @@ def main() -> None:
     }
     result = {
         "machine": machine(),
-        "argv": ["benchmarks/official_step.py", *__import__("sys").argv[1:]],
+        "argv": invocation(),
         "batch_size": args.batch_size,
         "victim": args.victim_arch,
         "parameters": parameters,
