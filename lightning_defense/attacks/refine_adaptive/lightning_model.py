@@ -4,6 +4,7 @@ with the loss of :mod:`.torch_model`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -12,7 +13,6 @@ from lightning_defense.attacks.refine_adaptive.torch_model import RefineSimulati
 from lightning_defense.defenses.components import TransformNet
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.training.victim_task import VictimTask
-from lightning_defense.victims.classifier import CIFAR10_MEAN, CIFAR10_STD
 from lightning_defense.victims.victim_file import VictimMetadata, load_victim
 
 
@@ -42,41 +42,16 @@ class RefineAdaptiveVictimTask(VictimTask):
 
     def __init__(
         self,
-        arch: str = "resnet20",
-        num_classes: int = 10,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        lr_milestones: Sequence[int] = (100, 150),
-        lr_gamma: float = 0.1,
-        channels_last: bool | None = None,
-        export_name: str = "victim.safetensors",
-        image_size: tuple[int, int] | None = None,
-        feature_node: str | None = None,
         gamma: float = 1.0,
         attacker_seed: int = 1,
         transform_encoder_name: str = "resnet18",
         transform_encoder_depth: int = 4,
         transform_decoder_channels: Sequence[int] = (128, 64, 32, 16),
         backdoored_victim: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            arch,
-            num_classes,
-            mean,
-            std,
-            lr,
-            momentum,
-            weight_decay,
-            lr_milestones,
-            lr_gamma,
-            channels_last,
-            export_name,
-            image_size,
-            feature_node,
-        )
+        # the network, data and optimizer settings are VictimTask's, with the same defaults
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         with torch.random.fork_rng(devices=[]):  # T_a's draw depends on attacker_seed alone
             torch.manual_seed(attacker_seed)
@@ -84,9 +59,9 @@ class RefineAdaptiveVictimTask(VictimTask):
                 transform_encoder_name,
                 transform_encoder_depth,
                 transform_decoder_channels,
-                in_channels=len(mean),
+                in_channels=len(self.hparams.mean),
             )
-        self.refine_simulation = RefineSimulation(transform_net, num_classes, attacker_seed, gamma)
+        self.refine_simulation = RefineSimulation(transform_net, self.hparams.num_classes, attacker_seed, gamma)
         if backdoored_victim is not None:
             self.start_from(backdoored_victim)
 
