@@ -12,8 +12,16 @@ if TYPE_CHECKING:
         ReversedTriggers,
         anomaly_indices,
         flagged_target,
+        most_anomalous,
     )
 
-__all__ = ["NeuralCleanse", "NeuralCleanseModel", "ReversedTriggers", "anomaly_indices", "flagged_target"]
+__all__ = [
+    "NeuralCleanse",
+    "NeuralCleanseModel",
+    "ReversedTriggers",
+    "anomaly_indices",
+    "flagged_target",
+    "most_anomalous",
+]
 
 __getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_defense.defenses.finetune.lightning_model import FineTune
-from lightning_defense.defenses.neural_cleanse.torch_model import NeuralCleanseModel, anomaly_indices, median
+from lightning_defense.defenses.neural_cleanse.torch_model import NeuralCleanseModel, anomaly_indices, most_anomalous
 from lightning_defense.errors import ConfigurationError
 from lightning_defense.training.callbacks import FigureRow
 from lightning_defense.victims import Classifier, read_victim_metadata
@@ -144,8 +144,7 @@ class NeuralCleanse(FineTune):
     def _log_detection(self, stage: str) -> None:
         norms = self.model.triggers.final_norms()
         indices = anomaly_indices(norms)
-        below = norms.double() < median(norms)
-        candidate = int(torch.where(below, indices, torch.full_like(indices, -1.0)).argmax())
+        candidate = most_anomalous(norms)
         # the same on every rank; sync_dist only keeps Lightning from warning under DDP
         self.log(f"{stage}/anomaly_index", float(indices[candidate]), sync_dist=True)
         self.log(f"{stage}/target_mask_norm", float(norms[candidate]), sync_dist=True)
@@ -165,7 +164,7 @@ class NeuralCleanse(FineTune):
         indices = anomaly_indices(norms)
         target = int(self.model.detected_target)
         if target < 0:
-            target = int(torch.where(norms.double() < median(norms), indices, torch.zeros_like(indices)).argmax())
+            target = most_anomalous(norms)
         classes = torch.full((len(images),), target, device=images.device)
         stamped = self.model.triggers.stamp(images, classes, final=True)
         rows: list[FigureRow] = []

@@ -50,14 +50,20 @@ def anomaly_indices(norms: Tensor) -> Tensor:
     return (norms - center).abs() / deviation
 
 
+def most_anomalous(norms: Tensor) -> int:
+    """The class with the largest anomaly index among those whose mask norm is below the median
+    (a backdoor makes its target's mask small); class 0 when no norm is below the median."""
+    below = norms.double() < median(norms)
+    indices = anomaly_indices(norms)
+    return int(torch.where(below, indices, torch.full_like(indices, -1.0)).argmax())
+
+
 def flagged_target(norms: Tensor, threshold: float = 2.0) -> int:
     """The flagged class with the largest anomaly index (norm below the median, index above
     ``threshold``), or -1 when no class is flagged."""
-    indices = anomaly_indices(norms)
-    candidates = (norms.double() < median(norms)) & (indices > threshold)
-    if not candidates.any():
-        return -1
-    return int(torch.where(candidates, indices, torch.full_like(indices, -1.0)).argmax())
+    candidate = most_anomalous(norms)
+    below = bool(norms.double()[candidate] < median(norms))
+    return candidate if below and bool(anomaly_indices(norms)[candidate] > threshold) else -1
 
 
 class ReversedTriggers(nn.Module):
